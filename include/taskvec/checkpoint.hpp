@@ -1,0 +1,131 @@
+// taskvec: checkpoints = one safetensors file, or a Hugging Face folder of shards with
+// model.safetensors.index.json, seen as one name -> tensor map; and the (sharded) checkpoint writer.
+//
+// Index file (transformers' sharded format):
+//   { "metadata": {"total_size": 123, ...}, "weight_map": {"tensor.name": "model-00001-of-00002.safetensors", ...} }
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "taskvec/safetensors.hpp"
+
+namespace taskvec {
+
+/// Name of the index file of a sharded Hugging Face checkpoint.
+inline constexpr const char* kIndexFileName = "model.safetensors.index.json";
+
+/// A tensor of a checkpoint: its header entry and the shard that holds it.
+struct CheckpointTensor {
+  const TensorInfo* info = nullptr;
+  const SafetensorsFile* shard = nullptr;
+  std::span<const std::byte> bytes() const noexcept { return shard->tensor_bytes(*info); }
+};
+
+/// A read-only, validated checkpoint. Opening maps the shards and validates every header and the
+/// index; no tensor data is read. Cheap to move; the tensors' bytes live as long as the Checkpoint.
+class Checkpoint {
+ public:
+  /// Opens `path`: a .safetensors file; an index .json file; or a folder holding
+  /// model.safetensors.index.json or exactly one .safetensors file (model.safetensors preferred).
+  /// For an index: every shard must exist (kShardMissing) and lie inside the folder, symlinks resolved
+  /// (kShardEscapes, checked before the shard is opened); every tensor must be in exactly one shard and
+  /// the weight_map must agree with the shard headers both ways (kInvalidIndex). Throws Error.
+  static Checkpoint open(const std::filesystem::path& path);
+
+  /// The path as given by the user (for messages).
+  const std::filesystem::path& path() const noexcept { return path_; }
+  /// The folder of a folder/index checkpoint; nullopt for a single-file checkpoint.
+  const std::optional<std::filesystem::path>& folder() const noexcept { return folder_; }
+  /// The shards in index order (one for a single file).
+  const std::vector<std::shared_ptr<const SafetensorsFile>>& shards() const noexcept { return shards_; }
+  /// All tensor names, sorted.
+  const std::vector<std::string>& tensor_names() const noexcept { return names_; }
+  /// The tensor named `name`, or nullptr.
+  const CheckpointTensor* find(std::string_view name) const noexcept;
+  /// The tensor named `name`; throws Error{kTensorMissing} naming this checkpoint and the tensor.
+  const CheckpointTensor& at(std::string_view name) const;
+  /// __metadata__ of the first shard (transformers writes the same on every shard).
+  const std::map<std::string, std::string>& metadata() const noexcept;
+  /// The index file's "metadata" object as strings (empty for a single file).
+  const std::map<std::string, std::string>& index_metadata() const noexcept { return index_metadata_; }
+  /// Sum of all tensors' data bytes.
+  std::uint64_t total_bytes() const noexcept;
+  /// Sum of all tensors' element counts.
+  std::uint64_t total_elements() const noexcept;
+  /// Files of the folder that are not tensors but belong to the model (config.json,
+  /// generation_config.json, tokenizer*, special_tokens_map.json, vocab*, merges.txt, *.model,
+  /// chat_template*, preprocessor_config.json); empty for a single file.
+  std::vector<std::filesystem::path> auxiliary_files() const;
+  /// A 16-hex-digit fingerprint of the content: FNV-1a over every tensor's name, dtype, shape and
+  /// up to 64 evenly spaced 64-byte samples of its data. Reads ~4 KiB per tensor. Used to tie a task
+  /// vector to the pretrained checkpoint it was made from.
+  std::string fingerprint() const;
+
+ private:
+  std::filesystem::path path_;
+  std::optional<std::filesystem::path> folder_;
+  std::vector<std::shared_ptr<const SafetensorsFile>> shards_;
+  std::vector<std::string> names_;
+  std::map<std::string, CheckpointTensor, std::less<>> tensors_;
+  std::map<std::string, std::string> index_metadata_;
+};
+
+/// How a checkpoint is written.
+struct CheckpointWriteOptions {
+  std::uint64_t max_shard_size = 5'000'000'000;  ///< bytes of tensor data per shard (HF's "5GB")
+  bool force = false;                            ///< allow replacing an existing output
+};
+
+/// The planned output: where each tensor goes. Built before any data is computed (so --dry-run can
+/// print it). Output path rules: a path ending in ".safetensors" is one file; any other path is a
+/// folder that receives model.safetensors, or model-0000k-of-0000n.safetensors shards plus
+/// model.safetensors.index.json when the data exceeds max_shard_size. Tensors are assigned to shards
+/// in name order, greedily; a tensor larger than max_shard_size gets a shard of its own.
+struct CheckpointPlan {
+  struct Shard {
+    std::filesystem::path path;   ///< final path of this shard file
+    SafetensorsLayout layout;
+  };
+  std::filesystem::path output;               ///< the file or folder given
+  bool is_folder = false;
+  std::vector<Shard> shards;
+  std::map<std::string, std::pair<std::size_t, std::size_t>, std::less<>> location;  ///< name -> (shard, index in layout)
+  std::uint64_t total_bytes = 0;              ///< tensor data bytes
+
+  /// Plans `specs` (any order) with `metadata` written into every shard's __metadata__.
+  static CheckpointPlan build(const std::filesystem::path& output, std::vector<TensorSpec> specs,
+                              const std::map<std::string, std::string>& metadata, const CheckpointWriteOptions& options);
+};
+
+/// Writes a planned checkpoint. Refuses (kOutputExists) an existing output file / index / shard
+/// unless options.force, and any output path that is one of `inputs` (even with force: inputs are
+/// never overwritten). Every shard is an AtomicFile; commit() publishes the shards, copies
+/// `auxiliary_files` into the folder atomically, and writes the index file last.
+class CheckpointWriter {
+ public:
+  CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOptions& options,
+                   const std::vector<std::filesystem::path>& inputs = {});
+  const CheckpointPlan& plan() const noexcept { return plan_; }
+  /// Writes bytes at `offset_in_tensor` of tensor `name`. Thread-safe.
+  void write(std::string_view name, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
+  /// Same, addressed by (shard, index) from plan().location; the fast path.
+  void write(std::size_t shard, std::size_t index, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
+  void commit(const std::vector<std::filesystem::path>& auxiliary_files = {});
+
+ private:
+  CheckpointPlan plan_;
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
+};
+
+/// Validates a checkpoint completely (open() plus nothing else to check today); returns normally or
+/// throws the first Error found. The `taskvec validate` command.
+void validate_checkpoint(const std::filesystem::path& path);
+
+}  // namespace taskvec

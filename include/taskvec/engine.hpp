@@ -1,0 +1,124 @@
+// taskvec: task arithmetic on checkpoints (Ilharco et al., "Editing Models with Task Arithmetic",
+// ICLR 2023): task vectors (diff), applying them (addition / negation), linear edit expressions
+// (analogies), all as one streaming kernel:
+//
+//   out[t] = s * base[t] + sum_i a_i * (x_i[t] - base[t]) + sum_j b_j * tau_j[t]      for each tensor t
+//
+// read chunk by chunk from memory-mapped inputs with f32 accumulation (f64 when the base tensor is F64)
+// and written at precomputed offsets, so the output bytes do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "taskvec/checkpoint.hpp"
+
+namespace taskvec {
+
+/// Metadata keys taskvec writes into a task vector's __metadata__.
+inline constexpr const char* kMetaKind = "taskvec.kind";                         ///< "task_vector"
+inline constexpr const char* kMetaPretrainedFingerprint = "taskvec.pretrained_fingerprint";
+inline constexpr const char* kMetaPretrainedName = "taskvec.pretrained";        ///< file name, for messages
+inline constexpr const char* kMetaFinetunedName = "taskvec.finetuned";
+
+/// Progress of a running edit, reported from the calling thread, at most ~10 times a second.
+struct Progress {
+  std::uint64_t tensors_done = 0, tensors_total = 0;
+  std::uint64_t bytes_done = 0, bytes_total = 0;  ///< output bytes
+  double seconds = 0;                             ///< since the stream started
+};
+
+/// Options shared by every edit.
+struct EditOptions {
+  std::optional<DType> out_dtype;        ///< float tensors' output dtype; default: the base tensor's dtype
+  std::string include;                   ///< ECMAScript regex (std::regex_search): edit only matching tensors
+  std::string exclude;                   ///< ... and not these; the others are copied from the base unchanged
+  unsigned threads = 0;                  ///< worker threads; 0 = std::thread::hardware_concurrency()
+  std::uint64_t memory_budget = 512ull << 20;  ///< bytes of decoded chunks and output buffers in flight
+  CheckpointWriteOptions write;          ///< shard size, --force
+  bool allow_nonfinite = false;          ///< proceed when an input holds NaN/Inf (else Error{kNonFinite})
+  bool force_base = false;               ///< apply task vectors made from another pretrained checkpoint
+  bool dry_run = false;                  ///< plan only: no file is written
+  std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
+  std::function<void(const Progress&)> on_progress;   ///< optional
+};
+
+/// One term of a linear edit. `relative` terms contribute a_i * (x_i - base); the others b_j * x_j
+/// (used for task-vector files, which already are differences).
+struct LinearTerm {
+  const Checkpoint* input = nullptr;
+  double coefficient = 0;
+  bool relative = true;
+};
+
+/// What an edit did (or, for a dry run, would do).
+struct EditReport {
+  CheckpointPlan plan;                    ///< output files, tensors, dtypes, shapes, sizes
+  std::uint64_t tensors_edited = 0;       ///< float tensors computed from the terms
+  std::uint64_t tensors_copied = 0;       ///< integer/bool or not selected: copied from the base
+  std::uint64_t bytes_read = 0, bytes_written = 0;
+  double seconds = 0;
+  std::uint64_t peak_chunk_bytes = 0;     ///< largest bytes in flight reached (<= memory_budget)
+  std::vector<std::string> warnings;      ///< e.g. "tensor 'pos_ids' (I64) differs in b.safetensors: copied from the base"
+};
+
+/// The general kernel: out = base_scale * base + sum(terms). All inputs must have the base's tensor
+/// names and shapes (Error{kTensorMissing}/kShapeMismatch naming both files, the tensor and both
+/// shapes). Non-float tensors and tensors not selected by include/exclude are copied from the base.
+/// Checks NaN/Inf in inputs (kNonFinite), writes `output` atomically (see CheckpointWriter) and copies
+/// the base folder's auxiliary files along when `output` is a folder.
+EditReport linear_edit(const Checkpoint& base, double base_scale, const std::vector<LinearTerm>& terms,
+                       const std::filesystem::path& output, const EditOptions& options);
+
+/// tau = finetuned - pretrained (Ilharco et al. eq. 1), stored as F32 unless options.out_dtype says
+/// otherwise, with __metadata__ taskvec.kind=task_vector and the pretrained fingerprint.
+EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& finetuned,
+                            const std::filesystem::path& output, const EditOptions& options);
+
+/// theta = pretrained + sum_j lambda_j * tau_j; negative lambda negates (forgetting). Each task vector's
+/// recorded fingerprint must match `pretrained` (Error{kBaseMismatch}) unless options.force_base.
+EditReport apply_task_vectors(const Checkpoint& pretrained,
+                              const std::vector<std::pair<const Checkpoint*, double>>& task_vectors,
+                              const std::filesystem::path& output, const EditOptions& options);
+
+/// A parsed linear edit expression: coefficients per model name, as in
+/// `pre + 0.5*(tau(c) + tau(b) - tau(a))` -> {pre: 0.5, a: -0.5, b: 0.5, c: 0.5}.
+struct LinearExpression {
+  std::map<std::string, double> coefficients;  ///< by model name; absent = 0
+  /// Sum of all coefficients: 1 for a model, 0 for a task vector.
+  double total() const;
+};
+
+/// Parses an edit expression over model names: numbers, names, `tau(NAME)` (= NAME - pretrained),
+/// unary -, binary + - *, and /, by a number, parentheses. Multiplying two model terms, dividing by a
+/// model, an unknown name or a syntax error throws Error{kExpression} with the column.
+LinearExpression parse_expression(const std::string& text, const std::vector<std::string>& model_names,
+                                  const std::string& pretrained_name);
+
+/// Runs an expression over named checkpoints (one of them the pretrained base).
+EditReport edit_expression(const std::map<std::string, const Checkpoint*>& models, const std::string& pretrained_name,
+                           const std::string& expression, const std::filesystem::path& output,
+                           const EditOptions& options);
+
+/// Norms and cosine similarities of task vectors, over float tensors selected by include/exclude.
+/// Reductions use f64 partials per fixed 64 Ki-element chunk combined in chunk order, so results do
+/// not depend on the thread count.
+struct SimilarityReport {
+  std::vector<std::string> names;
+  std::vector<double> norms;                    ///< L2 norm of each task vector
+  std::vector<std::vector<double>> cosine;      ///< names.size() squared
+  std::vector<std::vector<double>> sign_conflict;  ///< fraction of coordinates, both non-zero, with opposite signs
+};
+
+/// `models` are fine-tuned checkpoints when `pretrained` is given (tau = model - pretrained), else
+/// task-vector files. Throws as linear_edit for mismatched inputs.
+SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
+                                        const std::vector<std::pair<std::string, const Checkpoint*>>& models,
+                                        const EditOptions& options);
+
+}  // namespace taskvec

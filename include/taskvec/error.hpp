@@ -1,0 +1,70 @@
+// taskvec: the one error type of the library and its stable codes.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace taskvec {
+
+/// What went wrong. Tests check the code, never the message text. The CLI maps each code to an
+/// exit status with exit_status(); docs/CLI.md lists the mapping.
+enum class ErrorCode : int {
+  // Usage and arguments.
+  kInvalidArgument = 1,  ///< a flag, option value or API argument is out of range or malformed
+  kExpression,           ///< an edit expression does not parse or is not linear in the models
+  kRecipe,               ///< a merge recipe (YAML) is malformed or has an unknown key / bad value
+  // I/O.
+  kIo,                   ///< a file cannot be opened, read, mapped, written, synced or renamed
+  kOutputExists,         ///< the output exists (without --force) or would overwrite an input
+  kDiskFull,             ///< no space left (ENOSPC / EFBIG) while writing an output
+  // safetensors format rules (shared/reference/FORMAT-RULES.md, part B).
+  kHeaderTooSmall,       ///< file shorter than 8 bytes, or header length N < 2 (B1)
+  kHeaderTooLarge,       ///< header length N > 100,000,000 bytes (B2)
+  kInvalidHeaderLength,  ///< 8 + N exceeds the file size (B3)
+  kInvalidUtf8,          ///< header bytes are not valid UTF-8 (B4)
+  kInvalidJson,          ///< header is not one JSON object, or a JSON value has the wrong type (B5, B6)
+  kDuplicateKey,         ///< the same tensor name / JSON key occurs twice (B18)
+  kInvalidMetadata,      ///< __metadata__ is not a string -> string object (B7)
+  kInvalidTensorEntry,   ///< a tensor entry lacks dtype/shape/data_offsets or has bad types (B8)
+  kInvalidName,          ///< a tensor name is empty, has NUL/control characters, or is "__metadata__" (B25)
+  kUnknownDtype,         ///< dtype string is not one of the known safetensors dtypes (B9)
+  kInvalidShape,         ///< a shape entry is negative, non-integer or above 2^53 (B10, B23)
+  kShapeOverflow,        ///< element count x dtype size overflows 64 bits (B14)
+  kInvalidOffsets,       ///< data_offsets malformed, begin > end, gap, overlap or past the buffer (B12, B13)
+  kTensorSizeMismatch,   ///< end - begin != elements x dtype size (B15, B16)
+  kIncompleteBuffer,     ///< trailing bytes after the last tensor, or the file is truncated (B17)
+  // Sharded checkpoints (model.safetensors.index.json).
+  kInvalidIndex,         ///< the index file is malformed or disagrees with the shard headers
+  kShardMissing,         ///< a shard named by the index does not exist
+  kShardEscapes,         ///< a shard path leaves the checkpoint folder (.., absolute, symlink out)
+  // Inputs that do not fit together.
+  kTensorMissing,        ///< a tensor of one input is missing from another
+  kShapeMismatch,        ///< the same tensor has different shapes in two inputs
+  kDtypeMismatch,        ///< the same tensor has dtypes that cannot be combined
+  kBaseMismatch,         ///< a task vector was made from another pretrained checkpoint
+  kNonFinite,            ///< NaN or Inf in an input tensor (without --allow-nonfinite)
+  kTensorTooLarge,       ///< a whole-tensor method needs more memory than the budget allows
+  kUnsupported,          ///< a feature or dtype this build or method does not support
+  kInternal,             ///< a broken invariant inside taskvec (a bug: please report it)
+};
+
+/// Stable lower_snake_case name of a code, e.g. "invalid_offsets" (used in --json output).
+std::string_view error_code_name(ErrorCode code) noexcept;
+
+/// Process exit status for a code: 2 usage, 3 I/O, 4 invalid file, 5 inputs do not fit together,
+/// 6 output refused, 7 disk full, 70 internal. 0 and 1 are never returned (1 = unexpected exception).
+int exit_status(ErrorCode code) noexcept;
+
+/// The exception thrown by every taskvec library function. what() is a full sentence that names the
+/// file and the tensor involved, e.g. "a.safetensors: tensor 'w': data_offsets [0, 8] overlap ...".
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  ErrorCode code() const noexcept { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+}  // namespace taskvec

@@ -1,0 +1,185 @@
+// taskvec: safetensors files: the validating header parser, read-only mapped files, and the writer.
+//
+// File layout (https://github.com/huggingface/safetensors, README "Format"):
+//
+//   offset 0        8                 8+N                                    file size
+//          +--------+-----------------+--------------------------------------+
+//          | N: u64 | header: N bytes | data buffer: tensors, tiled exactly   |
+//          |  (LE)  | UTF-8 JSON obj, | by data_offsets [begin, end) relative |
+//          |        | space padded    | to byte 8+N; no gaps, no trailing     |
+//          +--------+-----------------+--------------------------------------+
+//
+//   header = { "__metadata__": {"k": "v", ...},                      (optional, string -> string)
+//              "name": {"dtype": "BF16", "shape": [d0, d1, ...], "data_offsets": [begin, end]}, ... }
+//
+// Every rule of shared/reference/FORMAT-RULES.md part B is enforced on read; docs/FORMATS.md lists them
+// with the ErrorCode each one raises.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "taskvec/dtype.hpp"
+
+namespace taskvec {
+
+/// Largest header length N accepted on read and produced on write, in bytes (B2).
+inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
+
+/// One tensor entry of a safetensors header. Offsets are relative to the data buffer (byte 8+N).
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<std::uint64_t> shape;  ///< row-major; empty = scalar (1 element)
+  std::uint64_t data_begin = 0;      ///< bytes, relative to the data buffer
+  std::uint64_t data_end = 0;        ///< bytes, exclusive
+
+  std::uint64_t num_elements() const noexcept;  ///< product of shape (1 for a scalar); validated not to overflow
+  std::uint64_t num_bytes() const noexcept { return data_end - data_begin; }
+};
+
+/// The parsed, validated header of one safetensors file.
+struct SafetensorsHeader {
+  std::vector<TensorInfo> tensors;               ///< sorted by name
+  std::map<std::string, std::string> metadata;   ///< __metadata__ (empty if absent)
+  std::uint64_t header_size = 0;                 ///< N, bytes
+  std::uint64_t data_start() const noexcept { return 8 + header_size; }  ///< absolute file offset of the data buffer
+  /// The entry named `name`, or nullptr. O(log n).
+  const TensorInfo* find(std::string_view name) const noexcept;
+};
+
+/// Parses and validates a safetensors header. `file_prefix` holds at least the first
+/// min(file_size, 8 + N) bytes of the file; `file_size` is the whole file's size in bytes; `label`
+/// (usually the path) starts every error message. Enforces B1-B18, B22, B23, B25 in the reference's
+/// order and throws Error with the matching ErrorCode (kHeaderTooSmall ... kIncompleteBuffer).
+/// Pure function on bytes: the fuzz target and the corruption catalogue call it directly.
+SafetensorsHeader parse_safetensors_header(std::span<const std::byte> file_prefix, std::uint64_t file_size,
+                                           const std::string& label);
+
+/// A read-only memory map of a whole file. Never writes to the file. Move-only.
+class MappedFile {
+ public:
+  /// Maps `path` read-only (MAP_PRIVATE, PROT_READ). Throws Error{kIo} naming the path.
+  static MappedFile open(const std::filesystem::path& path);
+  MappedFile() = default;
+  MappedFile(MappedFile&&) noexcept;
+  MappedFile& operator=(MappedFile&&) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile();
+
+  std::span<const std::byte> bytes() const noexcept { return {data_, size_}; }
+  std::uint64_t size() const noexcept { return size_; }
+  const std::filesystem::path& path() const noexcept { return path_; }
+  /// Hints the kernel that [offset, offset+length) will be read soon (MADV_WILLNEED). Never throws.
+  void advise_willneed(std::uint64_t offset, std::uint64_t length) const noexcept;
+  /// Releases the pages of [offset, offset+length) from this process (MADV_DONTNEED); the page cache
+  /// keeps them. Used after a chunk is consumed so resident memory stays bounded. Never throws.
+  void advise_dontneed(std::uint64_t offset, std::uint64_t length) const noexcept;
+
+ private:
+  const std::byte* data_ = nullptr;
+  std::uint64_t size_ = 0;
+  std::filesystem::path path_;
+};
+
+/// One opened, validated safetensors file: its header plus a read-only mapping of its bytes.
+class SafetensorsFile {
+ public:
+  /// Opens, maps and validates `path` (all rules of parse_safetensors_header). Throws Error.
+  static std::shared_ptr<const SafetensorsFile> open(const std::filesystem::path& path);
+
+  const SafetensorsHeader& header() const noexcept { return header_; }
+  const std::filesystem::path& path() const noexcept { return file_.path(); }
+  const MappedFile& mapped() const noexcept { return file_; }
+  /// The bytes of one tensor of this file (little-endian, row-major); valid while this object lives.
+  std::span<const std::byte> tensor_bytes(const TensorInfo& info) const noexcept;
+  /// Absolute file offset of a tensor's first byte.
+  std::uint64_t tensor_file_offset(const TensorInfo& info) const noexcept { return header_.data_start() + info.data_begin; }
+
+  SafetensorsFile(MappedFile file, SafetensorsHeader header) : file_(std::move(file)), header_(std::move(header)) {}
+
+ private:
+  MappedFile file_;
+  SafetensorsHeader header_;
+};
+
+/// What the writer needs to know of one output tensor before any data exists.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<std::uint64_t> shape;
+  std::uint64_t num_bytes() const;  ///< elements x dtype size; throws Error{kShapeOverflow}
+};
+
+/// The byte layout of a safetensors file computed from specs alone (so data can be written at
+/// precomputed offsets by several threads). Deterministic: as the reference writer does (B20), data
+/// is ordered by descending element size, then name, so each tensor starts aligned to its element
+/// size; the header JSON has sorted keys and no insignificant whitespace and is padded with spaces
+/// so that N % 8 == 0.
+struct SafetensorsLayout {
+  std::string header_bytes;                      ///< the 8-byte N followed by the padded JSON
+  std::vector<TensorSpec> tensors;               ///< in data order (descending element size, then name)
+  std::vector<std::uint64_t> file_offsets;       ///< absolute file offset of each tensor in `tensors`
+  std::uint64_t file_size = 0;                   ///< bytes
+
+  /// Builds the layout. Throws Error{kInvalidName} for an empty/NUL/control-character/duplicate name
+  /// or "__metadata__", Error{kHeaderTooLarge} past kMaxHeaderSize, Error{kShapeOverflow}.
+  static SafetensorsLayout build(std::vector<TensorSpec> specs, const std::map<std::string, std::string>& metadata);
+  /// Index into `tensors` of `name`; throws Error{kTensorMissing}.
+  std::size_t index_of(std::string_view name) const;
+};
+
+/// An output file written in place at precomputed offsets and published atomically: data goes to a
+/// temp file ".NAME.tmp-XXXXXX" in the same folder; commit() fsyncs it, renames it onto `path` and
+/// fsyncs the folder. Destroying an uncommitted AtomicFile removes the temp file. write_at() is
+/// thread-safe (pwrite). ENOSPC/EFBIG raise Error{kDiskFull}; other failures Error{kIo}.
+class AtomicFile {
+ public:
+  /// Creates the temp file and reserves `size` bytes (posix_fallocate, so a full disk fails early).
+  AtomicFile(std::filesystem::path path, std::uint64_t size);
+  AtomicFile(AtomicFile&&) noexcept;
+  AtomicFile& operator=(AtomicFile&&) = delete;
+  AtomicFile(const AtomicFile&) = delete;
+  ~AtomicFile();
+
+  void write_at(std::uint64_t offset, std::span<const std::byte> bytes) const;
+  void commit();
+  const std::filesystem::path& path() const noexcept { return path_; }
+  const std::filesystem::path& temp_path() const noexcept { return temp_path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::filesystem::path temp_path_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+/// Writes one safetensors file: header at construction, tensor data by write_tensor(), then commit().
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(std::filesystem::path path, SafetensorsLayout layout);
+  const SafetensorsLayout& layout() const noexcept { return layout_; }
+  /// Writes `bytes` at byte `offset_in_tensor` of tensor number `index` (of layout().tensors).
+  /// Thread-safe. Throws Error{kInternal} if the write would leave the tensor's span.
+  void write_tensor(std::size_t index, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
+  void commit() { file_.commit(); }
+
+ private:
+  SafetensorsLayout layout_;
+  AtomicFile file_;
+};
+
+/// Convenience for tests and small tools: writes whole tensors given as (spec, bytes) to `path`
+/// atomically. Throws as SafetensorsLayout::build and AtomicFile.
+void write_safetensors(const std::filesystem::path& path,
+                       const std::vector<std::pair<TensorSpec, std::vector<std::byte>>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace taskvec
