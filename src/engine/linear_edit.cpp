@@ -1,0 +1,460 @@
+// The streaming task-arithmetic kernel: out = s*base + sum a_i (x_i - base) + sum b_j tau_j, chunk by
+// chunk, on worker threads, written at precomputed offsets (see include/taskvec/engine.hpp).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <regex>
+#include <set>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "engine/parallel.hpp"
+#include "taskvec/engine.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+namespace {
+
+constexpr std::uint64_t kMaxChunkElements = 1u << 16;  // 256 KiB f32 buffers: stay in L2
+constexpr std::uint64_t kBytesPerElementInFlight = 32;  // base + acc + tmp (<= 8 B each) + output (<= 8 B)
+
+std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
+
+enum class DtypePolicy { kBase, kTaskVector };
+
+struct Job {
+  const CheckpointTensor* base = nullptr;
+  std::vector<const CheckpointTensor*> inputs;  // aligned with terms
+  DType out = DType::kF32;
+  bool compute = false;  // false: raw byte copy of the base tensor
+  bool apply_terms = false;  // false: out = base_scale * base only (tensor not selected)
+  bool wide = false;     // f64 arithmetic
+  std::size_t shard = 0, index = 0;
+  std::uint64_t elements = 0, chunk = 0, chunks = 0;
+  std::atomic<std::uint64_t> chunks_left{0};
+};
+
+struct Item {
+  std::size_t job;
+  std::uint64_t begin;  // element (compute) or byte (copy) offset
+  std::uint64_t count;
+};
+
+bool selected(const std::string& name, const std::optional<std::regex>& include, const std::optional<std::regex>& exclude) {
+  if (include && !std::regex_search(name, *include)) return false;
+  if (exclude && std::regex_search(name, *exclude)) return false;
+  return true;
+}
+
+std::optional<std::regex> compile(const std::string& pattern, const char* flag) {
+  if (pattern.empty()) return std::nullopt;
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
+  }
+}
+
+template <typename T>
+bool all_finite(const T* v, std::uint64_t n) {
+  // Branch-free OR-reduction so the loop vectorizes; NaN and Inf both fail v - v == 0.
+  bool ok = true;
+  for (std::uint64_t i = 0; i < n; ++i) ok &= (v[i] - v[i] == T(0));
+  return ok;
+}
+
+template <typename T>
+void decode(DType dtype, const std::byte* src, T* dst, std::uint64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    decode_to_f32(dtype, src, dst, n);
+  } else {
+    decode_to_f64(dtype, src, dst, n);
+  }
+}
+
+template <typename T>
+void encode(DType dtype, const T* src, std::byte* dst, std::uint64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    encode_from_f32(dtype, src, dst, n);
+  } else {
+    encode_from_f64(dtype, src, dst, n);
+  }
+}
+
+template <typename T>
+struct Lanes {
+  std::vector<T> base, acc, tmp;
+  void reserve(std::uint64_t n) {
+    if (base.size() < n) {
+      base.resize(n);
+      acc.resize(n);
+      tmp.resize(n);
+    }
+  }
+};
+
+// Per-worker scratch, reused across chunks: decoded base, accumulator, decoded input, encoded output.
+struct Buffers {
+  Lanes<float> f32;
+  Lanes<double> f64;
+  std::vector<std::byte> out;
+  template <typename T>
+  Lanes<T>& lanes() {
+    if constexpr (std::is_same_v<T, float>) {
+      return f32;
+    } else {
+      return f64;
+    }
+  }
+};
+
+class Engine {
+ public:
+  Engine(const Checkpoint& base, double base_scale, const std::vector<LinearTerm>& terms, const EditOptions& options,
+         DtypePolicy policy)
+      : base_(base), scale_(base_scale), terms_(terms), options_(options), policy_(policy) {}
+
+  EditReport run(const std::filesystem::path& output, std::map<std::string, std::string> metadata) {
+    auto start = std::chrono::steady_clock::now();
+    EditReport report;
+    plan_jobs(report);
+    std::vector<TensorSpec> specs;
+    specs.reserve(jobs_.size());
+    for (const auto& job : jobs_) specs.push_back({job->base->info->name, job->out, job->base->info->shape});
+    for (const auto& [k, v] : options_.extra_metadata) metadata[k] = v;
+    report.plan = CheckpointPlan::build(output, std::move(specs), metadata, options_.write);
+    for (auto& job : jobs_) {
+      auto [shard, index] = report.plan.location.at(job->base->info->name);
+      job->shard = shard;
+      job->index = index;
+    }
+    threads_ = detail::resolve_threads(options_.threads);
+    chunk_elements_ = std::clamp<std::uint64_t>(options_.memory_budget / (std::uint64_t(threads_) * kBytesPerElementInFlight),
+                                                1024, kMaxChunkElements);
+    report.peak_chunk_bytes = std::uint64_t(threads_) * chunk_elements_ * kBytesPerElementInFlight;
+    if (options_.dry_run) {
+      report.seconds = seconds_since(start);
+      return report;
+    }
+
+    std::vector<std::filesystem::path> inputs;
+    for (const auto& shard : base_.shards()) inputs.push_back(shard->path());
+    for (const auto& term : terms_) {
+      for (const auto& shard : term.input->shards()) inputs.push_back(shard->path());
+    }
+    CheckpointWriter writer(report.plan, options_.write, inputs);
+
+    std::vector<Item> items = make_items();
+    std::vector<Buffers> buffers(threads_);
+    std::atomic<std::uint64_t> bytes_done{0}, tensors_done{0}, bytes_read{0};
+    std::uint64_t bytes_total = report.plan.total_bytes;
+    auto stream_start = std::chrono::steady_clock::now();
+    auto report_progress = [&] {
+      if (!options_.on_progress) return;
+      Progress p;
+      p.tensors_done = tensors_done.load();
+      p.tensors_total = jobs_.size();
+      p.bytes_done = bytes_done.load();
+      p.bytes_total = bytes_total;
+      p.seconds = seconds_since(stream_start);
+      options_.on_progress(p);
+    };
+    detail::parallel_for(
+        items.size(), threads_,
+        [&](std::size_t i, unsigned worker) {
+          const Item& item = items[i];
+          Job& job = *jobs_[item.job];
+          std::uint64_t read = 0, written = 0;
+          if (!job.compute) {
+            auto bytes = job.base->bytes().subspan(item.begin, item.count);
+            writer.write(job.shard, job.index, item.begin, bytes);
+            release(*job.base, item.begin, item.count);
+            read = written = item.count;
+          } else if (job.wide) {
+            run_chunk<double>(job, item, buffers[worker], writer, read, written);
+          } else {
+            run_chunk<float>(job, item, buffers[worker], writer, read, written);
+          }
+          bytes_done += written;
+          bytes_read += read;
+          if (job.chunks_left.fetch_sub(1) == 1) ++tensors_done;
+        },
+        report_progress);
+    report_progress();
+    writer.commit(report.plan.is_folder && base_.folder() ? base_.auxiliary_files() : std::vector<std::filesystem::path>{});
+    report.bytes_read = bytes_read.load();
+    report.bytes_written = bytes_done.load();
+    report.seconds = seconds_since(start);
+    return report;
+  }
+
+ private:
+  static double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
+
+  void plan_jobs(EditReport& report) {
+    auto include = compile(options_.include, "--include");
+    auto exclude = compile(options_.exclude, "--exclude");
+    if (options_.out_dtype && !dtype_is_writable_float(*options_.out_dtype)) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("--dtype {} is not a float dtype taskvec can write (F32, F16, BF16, F64, F8_E4M3, F8_E5M2)",
+                              dtype_name(*options_.out_dtype)));
+    }
+    const std::string base_file = base_.path().string();
+    for (const auto& term : terms_) {
+      if (term.input == nullptr) throw Error(ErrorCode::kInternal, "linear_edit: null input checkpoint");
+      for (const auto& name : term.input->tensor_names()) {
+        if (base_.find(name) == nullptr) {
+          throw Error(ErrorCode::kTensorMissing,
+                      fmt::format("tensor '{}' of {} is not in the pretrained checkpoint {}", name,
+                                  term.input->path().string(), base_file));
+        }
+      }
+    }
+    for (const auto& name : base_.tensor_names()) {
+      auto job = std::make_unique<Job>();
+      job->base = base_.find(name);
+      const TensorInfo& bi = *job->base->info;
+      bool editable = dtype_is_editable(bi.dtype);
+      for (const auto& term : terms_) {
+        const CheckpointTensor* t = term.input->find(name);
+        if (t == nullptr) {
+          throw Error(ErrorCode::kTensorMissing, fmt::format("tensor '{}' of the pretrained checkpoint {} is missing from {}",
+                                                             name, base_file, term.input->path().string()));
+        }
+        if (t->info->shape != bi.shape) {
+          throw Error(ErrorCode::kShapeMismatch,
+                      fmt::format("tensor '{}': shape {} in {} but {} in {}", name, shape_text(bi.shape), file_of(*job->base),
+                                  shape_text(t->info->shape), file_of(*t)));
+        }
+        if (editable && !dtype_is_editable(t->info->dtype)) {
+          throw Error(ErrorCode::kDtypeMismatch,
+                      fmt::format("tensor '{}': dtype {} in {} cannot be combined with {} in {}", name,
+                                  dtype_name(bi.dtype), file_of(*job->base), dtype_name(t->info->dtype), file_of(*t)));
+        }
+        if (!editable && term.relative) {
+          auto a = job->base->bytes();
+          auto b = t->bytes();
+          if (t->info->dtype != bi.dtype || a.size() != b.size() || std::memcmp(a.data(), b.data(), a.size()) != 0) {
+            report.warnings.push_back(fmt::format("tensor '{}' ({}) differs in {}: integer/bool tensors are never "
+                                                  "combined, it is copied from the pretrained checkpoint",
+                                                  name, dtype_name(bi.dtype), file_of(*t)));
+          }
+        }
+        job->inputs.push_back(t);
+      }
+      job->elements = bi.num_elements();
+      if (!editable) {
+        job->out = bi.dtype;
+        job->compute = false;
+      } else {
+        job->apply_terms = selected(name, include, exclude);
+        if (options_.out_dtype) {
+          job->out = *options_.out_dtype;
+        } else if (policy_ == DtypePolicy::kTaskVector) {
+          job->out = bi.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+        } else {
+          job->out = bi.dtype;
+        }
+        bool identity = !job->apply_terms && scale_ == 1.0 && job->out == bi.dtype;
+        job->compute = !identity;
+        job->wide = bi.dtype == DType::kF64 || job->out == DType::kF64;
+      }
+      if (job->compute && job->apply_terms) {
+        ++report.tensors_edited;
+      } else {
+        ++report.tensors_copied;
+      }
+      jobs_.push_back(std::move(job));
+    }
+  }
+
+  std::vector<Item> make_items() {
+    std::vector<Item> items;
+    for (std::size_t j = 0; j < jobs_.size(); ++j) {
+      Job& job = *jobs_[j];
+      std::uint64_t total = job.compute ? job.elements : job.base->info->num_bytes();
+      std::uint64_t step = job.compute ? chunk_elements_ : chunk_elements_ * 8;
+      std::uint64_t n = 0;
+      for (std::uint64_t begin = 0; begin < total; begin += step, ++n) {
+        items.push_back({j, begin, std::min(step, total - begin)});
+      }
+      if (total == 0) {
+        items.push_back({j, 0, 0});
+        n = 1;
+      }
+      job.chunks_left = n;
+    }
+    return items;
+  }
+
+  void release(const CheckpointTensor& t, std::uint64_t byte_begin, std::uint64_t byte_count) const {
+    t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info) + byte_begin, byte_count);
+  }
+
+  template <typename T>
+  void run_chunk(Job& job, const Item& item, Buffers& buf, const CheckpointWriter& writer, std::uint64_t& read,
+                 std::uint64_t& written) {
+    const std::uint64_t n = item.count;
+    Lanes<T>& lanes = buf.lanes<T>();
+    lanes.reserve(n);
+    T* base = lanes.base.data();
+    T* acc = lanes.acc.data();
+    T* tmp = lanes.tmp.data();
+    const TensorInfo& bi = *job.base->info;
+    const std::uint64_t bsize = dtype_bits(bi.dtype) / 8;
+    decode<T>(bi.dtype, job.base->bytes().data() + item.begin * bsize, base, n);
+    release(*job.base, item.begin * bsize, n * bsize);
+    read += n * bsize;
+    const T s = static_cast<T>(scale_);
+    if (scale_ == 1.0) {
+      std::copy(base, base + n, acc);
+    } else if (scale_ == 0.0) {
+      std::fill(acc, acc + n, T(0));
+    } else {
+      for (std::uint64_t i = 0; i < n; ++i) acc[i] = s * base[i];
+    }
+    if (job.apply_terms) {
+      for (std::size_t k = 0; k < terms_.size(); ++k) {
+        const CheckpointTensor& in = *job.inputs[k];
+        const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
+        decode<T>(in.info->dtype, in.bytes().data() + item.begin * isize, tmp, n);
+        release(in, item.begin * isize, n * isize);
+        read += n * isize;
+        const T a = static_cast<T>(terms_[k].coefficient);
+        if (terms_[k].relative) {
+          for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * (tmp[i] - base[i]);
+        } else {
+          for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * tmp[i];
+        }
+      }
+    }
+    if (!options_.allow_nonfinite && !all_finite(acc, n)) report_nonfinite<T>(job, item, buf);
+    const std::uint64_t osize = dtype_bits(job.out) / 8;
+    if (buf.out.size() < n * osize) buf.out.resize(n * osize);
+    encode<T>(job.out, acc, buf.out.data(), n);
+    writer.write(job.shard, job.index, item.begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
+    written += n * osize;
+  }
+
+  // Slow path, only after a non-finite result: find which input holds the NaN/Inf, for the message.
+  template <typename T>
+  [[noreturn]] void report_nonfinite(const Job& job, const Item& item, Buffers& buf) {
+    T* tmp = buf.lanes<T>().tmp.data();
+    const std::string& name = job.base->info->name;
+    std::vector<const CheckpointTensor*> all{job.base};
+    if (job.apply_terms) all.insert(all.end(), job.inputs.begin(), job.inputs.end());
+    for (const CheckpointTensor* t : all) {
+      const std::uint64_t size = dtype_bits(t->info->dtype) / 8;
+      decode<T>(t->info->dtype, t->bytes().data() + item.begin * size, tmp, item.count);
+      for (std::uint64_t i = 0; i < item.count; ++i) {
+        if (!std::isfinite(tmp[i])) {
+          throw Error(ErrorCode::kNonFinite,
+                      fmt::format("tensor '{}' in {}: element {} is {} (use --allow-nonfinite to proceed)", name,
+                                  file_of(*t), item.begin + i, std::isnan(tmp[i]) ? "NaN" : "Inf"));
+        }
+      }
+    }
+    throw Error(ErrorCode::kNonFinite,
+                fmt::format("tensor '{}': the result overflows to Inf in the output (coefficients too large?); "
+                            "use --allow-nonfinite to proceed",
+                            name));
+  }
+
+  const Checkpoint& base_;
+  double scale_;
+  const std::vector<LinearTerm>& terms_;
+  const EditOptions& options_;
+  DtypePolicy policy_;
+  std::vector<std::unique_ptr<Job>> jobs_;
+  unsigned threads_ = 1;
+  std::uint64_t chunk_elements_ = kMaxChunkElements;
+};
+
+}  // namespace
+
+EditReport linear_edit(const Checkpoint& base, double base_scale, const std::vector<LinearTerm>& terms,
+                       const std::filesystem::path& output, const EditOptions& options) {
+  return Engine(base, base_scale, terms, options, DtypePolicy::kBase).run(output, base.metadata());
+}
+
+EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& finetuned, const std::filesystem::path& output,
+                            const EditOptions& options) {
+  std::vector<LinearTerm> terms{{&finetuned, 1.0, true}};
+  auto metadata = pretrained.metadata();
+  metadata[kMetaKind] = "task_vector";
+  metadata[kMetaPretrainedFingerprint] = pretrained.fingerprint();
+  metadata[kMetaPretrainedName] = pretrained.path().filename().string();
+  metadata[kMetaFinetunedName] = finetuned.path().filename().string();
+  EditReport report = Engine(pretrained, 0.0, terms, options, DtypePolicy::kTaskVector).run(output, metadata);
+  if (options.out_dtype && *options.out_dtype != DType::kF32 && *options.out_dtype != DType::kF64) {
+    report.warnings.push_back(fmt::format("task vector stored as {}: applying it will no longer give back the fine-tuned "
+                                          "weights bit for bit (F32, the default, does for BF16/F16 models)",
+                                          dtype_name(*options.out_dtype)));
+  }
+  return report;
+}
+
+EditReport apply_task_vectors(const Checkpoint& pretrained, const std::vector<std::pair<const Checkpoint*, double>>& task_vectors,
+                              const std::filesystem::path& output, const EditOptions& options) {
+  std::vector<LinearTerm> terms;
+  std::vector<std::string> warnings;
+  std::string fingerprint;
+  for (const auto& [tau, lambda] : task_vectors) {
+    const auto& meta = tau->metadata();
+    auto kind = meta.find(kMetaKind);
+    auto recorded = meta.find(kMetaPretrainedFingerprint);
+    if (kind == meta.end() || kind->second != "task_vector" || recorded == meta.end()) {
+      warnings.push_back(fmt::format("{} has no taskvec task-vector metadata: cannot check it was made from {}",
+                                     tau->path().string(), pretrained.path().string()));
+    } else {
+      if (fingerprint.empty()) fingerprint = pretrained.fingerprint();
+      if (recorded->second != fingerprint) {
+        std::string made_from = meta.count(kMetaPretrainedName) ? meta.at(kMetaPretrainedName) : "another checkpoint";
+        if (!options.force_base) {
+          throw Error(ErrorCode::kBaseMismatch,
+                      fmt::format("task vector {} was made from {} (fingerprint {}), not from {} (fingerprint {}); "
+                                  "use --force to apply it anyway",
+                                  tau->path().string(), made_from, recorded->second, pretrained.path().string(), fingerprint));
+        }
+        warnings.push_back(fmt::format("--force: applying {} made from {} to {}", tau->path().string(), made_from,
+                                       pretrained.path().string()));
+      }
+    }
+    terms.push_back({tau, lambda, false});
+  }
+  auto metadata = pretrained.metadata();
+  metadata.erase(kMetaKind);
+  metadata.erase(kMetaPretrainedFingerprint);
+  EditReport report = Engine(pretrained, 1.0, terms, options, DtypePolicy::kBase).run(output, metadata);
+  report.warnings.insert(report.warnings.begin(), warnings.begin(), warnings.end());
+  return report;
+}
+
+EditReport edit_expression(const std::map<std::string, const Checkpoint*>& models, const std::string& pretrained_name,
+                           const std::string& expression, const std::filesystem::path& output, const EditOptions& options) {
+  std::vector<std::string> names;
+  for (const auto& [name, ckpt] : models) names.push_back(name);
+  LinearExpression parsed = parse_expression(expression, names, pretrained_name);
+  const Checkpoint& base = *models.at(pretrained_name);
+  std::vector<LinearTerm> terms;
+  for (const auto& [name, coefficient] : parsed.coefficients) {
+    if (name != pretrained_name) terms.push_back({models.at(name), coefficient, true});
+  }
+  double total = parsed.total();
+  EditReport report = Engine(base, total, terms, options, DtypePolicy::kBase).run(output, base.metadata());
+  if (std::abs(total - 1.0) > 1e-9) {
+    report.warnings.insert(report.warnings.begin(),
+                           fmt::format("the coefficients sum to {} rather than 1: the result is {} a model", total,
+                                       std::abs(total) < 1e-9 ? "a task vector, not" : "a scaled model, not"));
+  }
+  return report;
+}
+
+}  // namespace taskvec

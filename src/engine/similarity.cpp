@@ -1,0 +1,129 @@
+// Norms, cosine similarities and sign conflicts of task vectors, with fixed-order reductions: every
+// 64 Ki-element chunk produces f64 partial sums, combined in chunk order, so the result is the same for
+// any thread count.
+#include <cmath>
+#include <regex>
+
+#include <fmt/format.h>
+
+#include "engine/parallel.hpp"
+#include "taskvec/engine.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+namespace {
+
+constexpr std::uint64_t kChunk = 1u << 16;
+
+struct Chunk {
+  std::string name;  // tensor
+  std::uint64_t begin, count;
+};
+
+}  // namespace
+
+SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
+                                        const std::vector<std::pair<std::string, const Checkpoint*>>& models,
+                                        const EditOptions& options) {
+  const std::size_t n = models.size();
+  if (n == 0) throw Error(ErrorCode::kInvalidArgument, "similarity needs at least one model or task vector");
+  const Checkpoint& first = pretrained ? *pretrained : *models.front().second;
+  std::optional<std::regex> include, exclude;
+  try {
+    if (!options.include.empty()) include.emplace(options.include);
+    if (!options.exclude.empty()) exclude.emplace(options.exclude);
+  } catch (const std::regex_error& e) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("--include/--exclude is not a valid regular expression: {}", e.what()));
+  }
+
+  // Check every input against the reference tensor set before reading any data.
+  std::vector<Chunk> chunks;
+  for (const auto& name : first.tensor_names()) {
+    const CheckpointTensor& ref = first.at(name);
+    for (const auto& [label, model] : models) {
+      const CheckpointTensor* t = model->find(name);
+      if (t == nullptr) {
+        throw Error(ErrorCode::kTensorMissing,
+                    fmt::format("tensor '{}' of {} is missing from {}", name, first.path().string(), model->path().string()));
+      }
+      if (t->info->shape != ref.info->shape) {
+        throw Error(ErrorCode::kShapeMismatch, fmt::format("tensor '{}' has different shapes in {} and {}", name,
+                                                           first.path().string(), model->path().string()));
+      }
+    }
+    if (!dtype_is_editable(ref.info->dtype)) continue;
+    if (include && !std::regex_search(name, *include)) continue;
+    if (exclude && std::regex_search(name, *exclude)) continue;
+    bool all_float = true;
+    for (const auto& [label, model] : models) all_float = all_float && dtype_is_editable(model->at(name).info->dtype);
+    if (!all_float) continue;
+    std::uint64_t elements = ref.info->num_elements();
+    for (std::uint64_t b = 0; b < elements; b += kChunk) chunks.push_back({name, b, std::min(kChunk, elements - b)});
+  }
+
+  // Partials per chunk: n*n dot products, n*n sign conflicts, n*n both-non-zero counts.
+  const std::size_t stride = 3 * n * n;
+  std::vector<double> partial(chunks.size() * stride, 0.0);
+  unsigned threads = detail::resolve_threads(options.threads);
+  std::vector<std::vector<float>> scratch(threads);
+  detail::parallel_for(chunks.size(), threads, [&](std::size_t c, unsigned worker) {
+    const Chunk& chunk = chunks[c];
+    std::vector<float>& buf = scratch[worker];
+    buf.resize((n + 1) * chunk.count);
+    float* base = buf.data() + n * chunk.count;
+    if (pretrained) {
+      const CheckpointTensor& b = pretrained->at(chunk.name);
+      decode_to_f32(b.info->dtype, b.bytes().data() + chunk.begin * (dtype_bits(b.info->dtype) / 8), base, chunk.count);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      const CheckpointTensor& t = models[i].second->at(chunk.name);
+      float* tau = buf.data() + i * chunk.count;
+      decode_to_f32(t.info->dtype, t.bytes().data() + chunk.begin * (dtype_bits(t.info->dtype) / 8), tau, chunk.count);
+      if (pretrained) {
+        for (std::uint64_t k = 0; k < chunk.count; ++k) tau[k] -= base[k];
+      }
+    }
+    double* out = partial.data() + c * stride;
+    for (std::size_t i = 0; i < n; ++i) {
+      const float* a = buf.data() + i * chunk.count;
+      for (std::size_t j = i; j < n; ++j) {
+        const float* b = buf.data() + j * chunk.count;
+        double dot = 0, conflicts = 0, both = 0;
+        for (std::uint64_t k = 0; k < chunk.count; ++k) {
+          dot += double(a[k]) * double(b[k]);
+          bool nz = a[k] != 0 && b[k] != 0;
+          both += nz;
+          conflicts += nz && ((a[k] < 0) != (b[k] < 0));
+        }
+        out[i * n + j] = dot;
+        out[n * n + i * n + j] = conflicts;
+        out[2 * n * n + i * n + j] = both;
+      }
+    }
+  });
+
+  std::vector<double> total(stride, 0.0);
+  for (std::size_t c = 0; c < chunks.size(); ++c) {
+    for (std::size_t k = 0; k < stride; ++k) total[k] += partial[c * stride + k];
+  }
+  SimilarityReport report;
+  report.cosine.assign(n, std::vector<double>(n, 0.0));
+  report.sign_conflict.assign(n, std::vector<double>(n, 0.0));
+  for (std::size_t i = 0; i < n; ++i) {
+    report.names.push_back(models[i].first);
+    report.norms.push_back(std::sqrt(total[i * n + i]));
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t j = i; j < n; ++j) {
+      double denom = report.norms[i] * report.norms[j];
+      double cosine = denom > 0 ? total[i * n + j] / denom : 0.0;
+      double both = total[2 * n * n + i * n + j];
+      double conflict = both > 0 ? total[n * n + i * n + j] / both : 0.0;
+      report.cosine[i][j] = report.cosine[j][i] = cosine;
+      report.sign_conflict[i][j] = report.sign_conflict[j][i] = conflict;
+    }
+  }
+  return report;
+}
+
+}  // namespace taskvec

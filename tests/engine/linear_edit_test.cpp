@@ -1,0 +1,394 @@
+// Task arithmetic through the streaming engine. Expected values are computed by hand in comments,
+// or, for random data, by an independent double-precision loop in the test.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+
+#include "support/model_files.hpp"
+#include "support/temp_dir.hpp"
+#include "taskvec/engine.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+namespace {
+
+using test::read_tensor_bytes;
+using test::read_values;
+using test::TempDir;
+using test::write_model;
+
+ErrorCode error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code();
+  }
+  return ErrorCode::kInternal;  // no error where one was expected
+}
+
+class LinearEdit : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    write_model(dir / "pre.safetensors", {{"w", DType::kF32, {2, 2}, {1, 2, 3, 4}}}, {{"format", "pt"}});
+    write_model(dir / "ft.safetensors", {{"w", DType::kF32, {2, 2}, {1.5, 2, 2, 4.25}}});
+  }
+  TempDir dir;
+  EditOptions options;
+};
+
+TEST_F(LinearEdit, DiffThenApplyByHand) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft.safetensors");
+  make_task_vector(pre, ft, dir / "tau.safetensors", options);
+  EXPECT_EQ(read_values(dir / "tau.safetensors", "w"), (std::vector<double>{0.5, 0, -1, 0.25}));
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  EXPECT_EQ(tau.metadata().at(kMetaKind), "task_vector");
+  EXPECT_EQ(tau.metadata().at(kMetaPretrainedFingerprint), pre.fingerprint());
+  EXPECT_EQ(tau.metadata().at("format"), "pt");  // the pretrained __metadata__ is kept
+
+  apply_task_vectors(pre, {{&tau, 1.0}}, dir / "one.safetensors", options);
+  EXPECT_EQ(read_tensor_bytes(dir / "one.safetensors", "w"), read_tensor_bytes(dir / "ft.safetensors", "w"));
+  apply_task_vectors(pre, {{&tau, -1.0}}, dir / "neg.safetensors", options);  // negation: pre - tau
+  EXPECT_EQ(read_values(dir / "neg.safetensors", "w"), (std::vector<double>{0.5, 2, 4, 3.75}));
+  apply_task_vectors(pre, {{&tau, 0.5}}, dir / "half.safetensors", options);
+  EXPECT_EQ(read_values(dir / "half.safetensors", "w"), (std::vector<double>{1.25, 2, 2.5, 4.125}));
+  apply_task_vectors(pre, {{&tau, 0.0}}, dir / "zero.safetensors", options);
+  EXPECT_EQ(read_tensor_bytes(dir / "zero.safetensors", "w"), read_tensor_bytes(dir / "pre.safetensors", "w"));
+  Checkpoint out = Checkpoint::open(dir / "neg.safetensors");
+  EXPECT_EQ(out.metadata().count(kMetaKind), 0u);
+  EXPECT_EQ(out.metadata().at("format"), "pt");
+}
+
+TEST_F(LinearEdit, AdditionOfTwoTaskVectors) {
+  write_model(dir / "ft2.safetensors", {{"w", DType::kF32, {2, 2}, {0, 2, 3, 8}}});
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  make_task_vector(pre, Checkpoint::open(dir / "ft.safetensors"), dir / "t1.safetensors", options);
+  make_task_vector(pre, Checkpoint::open(dir / "ft2.safetensors"), dir / "t2.safetensors", options);
+  Checkpoint t1 = Checkpoint::open(dir / "t1.safetensors");
+  Checkpoint t2 = Checkpoint::open(dir / "t2.safetensors");
+  // t1 = [0.5, 0, -1, 0.25], t2 = [-1, 0, 0, 4]; pre + 0.5 t1 + 0.25 t2 = [1, 2, 2.5, 5.125]
+  apply_task_vectors(pre, {{&t1, 0.5}, {&t2, 0.25}}, dir / "sum.safetensors", options);
+  EXPECT_EQ(read_values(dir / "sum.safetensors", "w"), (std::vector<double>{1, 2, 2.5, 5.125}));
+}
+
+TEST_F(LinearEdit, F64TensorsUseF64AndStayF64) {
+  write_model(dir / "p64.safetensors", {{"w", DType::kF64, {2}, {0.5, 0.25}}});
+  write_model(dir / "f64.safetensors", {{"w", DType::kF64, {2}, {0.75, -1.125}}});
+  Checkpoint pre = Checkpoint::open(dir / "p64.safetensors");
+  make_task_vector(pre, Checkpoint::open(dir / "f64.safetensors"), dir / "tau.safetensors", options);
+  EXPECT_EQ(test::read_dtype(dir / "tau.safetensors", "w"), DType::kF64);
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  apply_task_vectors(pre, {{&tau, 2.0}}, dir / "out.safetensors", options);
+  // 0.5 + 2*0.25 = 1.0; 0.25 + 2*(-1.375) = -2.5
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{1.0, -2.5}));
+  // 1e-300 is far below f32's range: only an f64 path keeps it.
+  write_model(dir / "tiny.safetensors", {{"w", DType::kF64, {2}, {0.5 + 1e-12, 1e-300}}});
+  make_task_vector(pre, Checkpoint::open(dir / "tiny.safetensors"), dir / "tau2.safetensors", options);
+  auto tau2 = read_values(dir / "tau2.safetensors", "w");
+  EXPECT_DOUBLE_EQ(tau2[0], (0.5 + 1e-12) - 0.5);
+  EXPECT_DOUBLE_EQ(tau2[1], 1e-300 - 0.25);
+}
+
+TEST_F(LinearEdit, OutputDtypeRoundsToNearestEven) {
+  // 1 + 2^-7 is a bf16 value; 1 + 0.5 * 2^-7 = 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7:
+  // ties go to the even significand, 1.0. With 0.75, 1 + 0.75 * 2^-7 is nearer 1 + 2^-7.
+  write_model(dir / "p.safetensors", {{"w", DType::kF32, {1}, {1.0}}});
+  write_model(dir / "f.safetensors", {{"w", DType::kF32, {1}, {1.0078125}}});
+  std::map<std::string, const Checkpoint*> models;
+  Checkpoint p = Checkpoint::open(dir / "p.safetensors");
+  Checkpoint f = Checkpoint::open(dir / "f.safetensors");
+  models["pre"] = &p;
+  models["f"] = &f;
+  options.out_dtype = DType::kBF16;
+  edit_expression(models, "pre", "pre + 0.5*tau(f)", dir / "half.safetensors", options);
+  EXPECT_EQ(test::read_dtype(dir / "half.safetensors", "w"), DType::kBF16);
+  EXPECT_EQ(read_values(dir / "half.safetensors", "w"), std::vector<double>{1.0});
+  edit_expression(models, "pre", "pre + 0.75*tau(f)", dir / "most.safetensors", options);
+  EXPECT_EQ(read_values(dir / "most.safetensors", "w"), std::vector<double>{1.0078125});
+}
+
+TEST_F(LinearEdit, AnalogyExpression) {
+  write_model(dir / "p.safetensors", {{"w", DType::kF32, {2}, {0, 0}}});
+  write_model(dir / "a.safetensors", {{"w", DType::kF32, {2}, {1, 0}}});
+  write_model(dir / "b.safetensors", {{"w", DType::kF32, {2}, {0, 1}}});
+  write_model(dir / "c.safetensors", {{"w", DType::kF32, {2}, {2, 2}}});
+  std::vector<Checkpoint> opened;
+  for (const char* n : {"p", "a", "b", "c"}) opened.push_back(Checkpoint::open(dir / (std::string(n) + ".safetensors")));
+  std::map<std::string, const Checkpoint*> models{{"pre", &opened[0]}, {"a", &opened[1]}, {"b", &opened[2]}, {"c", &opened[3]}};
+  edit_expression(models, "pre", "pre + 0.5*(tau(c) + tau(b) - tau(a))", dir / "out.safetensors", options);
+  // 0.5 * ([2,2] + [0,1] - [1,0]) = [0.5, 1.5]
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{0.5, 1.5}));
+}
+
+TEST_F(LinearEdit, IntegerTensorsAreCopiedAndChangesReported) {
+  write_model(dir / "p.safetensors", {{"ids", DType::kI64, {3}, {0, 1, 2}}, {"w", DType::kF32, {1}, {1}}});
+  write_model(dir / "f.safetensors", {{"ids", DType::kI64, {3}, {0, 1, 5}}, {"w", DType::kF32, {1}, {3}}});
+  Checkpoint p = Checkpoint::open(dir / "p.safetensors");
+  Checkpoint f = Checkpoint::open(dir / "f.safetensors");
+  EditReport r = make_task_vector(p, f, dir / "tau.safetensors", options);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("'ids'"), std::string::npos);
+  EXPECT_EQ(read_values(dir / "tau.safetensors", "ids"), (std::vector<double>{0, 1, 2}));
+  EXPECT_EQ(test::read_dtype(dir / "tau.safetensors", "ids"), DType::kI64);
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  apply_task_vectors(p, {{&tau, 3.0}}, dir / "out.safetensors", options);
+  EXPECT_EQ(read_values(dir / "out.safetensors", "ids"), (std::vector<double>{0, 1, 2}));
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), std::vector<double>{7});
+}
+
+TEST_F(LinearEdit, IncludeExcludeLeaveOtherTensorsUnchanged) {
+  write_model(dir / "p.safetensors", {{"encoder.w", DType::kBF16, {2}, {1, 2}}, {"head.w", DType::kBF16, {2}, {3, 4}}});
+  write_model(dir / "f.safetensors", {{"encoder.w", DType::kBF16, {2}, {2, 2}}, {"head.w", DType::kBF16, {2}, {5, 5}}});
+  Checkpoint p = Checkpoint::open(dir / "p.safetensors");
+  Checkpoint f = Checkpoint::open(dir / "f.safetensors");
+  std::map<std::string, const Checkpoint*> models{{"pre", &p}, {"f", &f}};
+  options.exclude = "^head\\.";
+  EditReport r = edit_expression(models, "pre", "pre - tau(f)", dir / "out.safetensors", options);
+  EXPECT_EQ(r.tensors_edited, 1u);
+  EXPECT_EQ(r.tensors_copied, 1u);
+  EXPECT_EQ(read_values(dir / "out.safetensors", "encoder.w"), (std::vector<double>{0, 2}));
+  EXPECT_EQ(read_tensor_bytes(dir / "out.safetensors", "head.w"), read_tensor_bytes(dir / "p.safetensors", "head.w"));
+  options.exclude.clear();
+  options.include = "head";
+  edit_expression(models, "pre", "pre - tau(f)", dir / "out2.safetensors", options);
+  EXPECT_EQ(read_values(dir / "out2.safetensors", "encoder.w"), (std::vector<double>{1, 2}));
+  EXPECT_EQ(read_values(dir / "out2.safetensors", "head.w"), (std::vector<double>{1, 3}));
+  options.include = "([";
+  EXPECT_EQ(error_of([&] { edit_expression(models, "pre", "f", dir / "bad.safetensors", options); }),
+            ErrorCode::kInvalidArgument);
+}
+
+TEST_F(LinearEdit, MismatchedInputsAreRefusedBeforeWriting) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  write_model(dir / "missing.safetensors", {{"v", DType::kF32, {2, 2}, {1, 2, 3, 4}}});
+  write_model(dir / "shape.safetensors", {{"w", DType::kF32, {4}, {1, 2, 3, 4}}});
+  write_model(dir / "extra.safetensors", {{"w", DType::kF32, {2, 2}, {1, 2, 3, 4}}, {"x", DType::kF32, {1}, {1}}});
+  write_model(dir / "int.safetensors", {{"w", DType::kI32, {2, 2}, {1, 2, 3, 4}}});
+  auto out = dir / "out.safetensors";
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, Checkpoint::open(dir / "missing.safetensors"), out, options); }),
+            ErrorCode::kTensorMissing);
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, Checkpoint::open(dir / "shape.safetensors"), out, options); }),
+            ErrorCode::kShapeMismatch);
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, Checkpoint::open(dir / "extra.safetensors"), out, options); }),
+            ErrorCode::kTensorMissing);
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, Checkpoint::open(dir / "int.safetensors"), out, options); }),
+            ErrorCode::kDtypeMismatch);
+  EXPECT_FALSE(std::filesystem::exists(out));
+  try {
+    make_task_vector(pre, Checkpoint::open(dir / "shape.safetensors"), out, options);
+  } catch (const Error& e) {
+    std::string what = e.what();
+    EXPECT_NE(what.find("'w'"), std::string::npos) << what;
+    EXPECT_NE(what.find("[2, 2]"), std::string::npos) << what;
+    EXPECT_NE(what.find("[4]"), std::string::npos) << what;
+    EXPECT_NE(what.find("shape.safetensors"), std::string::npos) << what;
+  }
+}
+
+TEST_F(LinearEdit, TaskVectorFromAnotherBaseIsRefusedUnlessForced) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  make_task_vector(pre, Checkpoint::open(dir / "ft.safetensors"), dir / "tau.safetensors", options);
+  write_model(dir / "other.safetensors", {{"w", DType::kF32, {2, 2}, {9, 9, 9, 9}}});
+  Checkpoint other = Checkpoint::open(dir / "other.safetensors");
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  EXPECT_EQ(error_of([&] { apply_task_vectors(other, {{&tau, 1.0}}, dir / "out.safetensors", options); }),
+            ErrorCode::kBaseMismatch);
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
+  options.force_base = true;
+  EditReport r = apply_task_vectors(other, {{&tau, 1.0}}, dir / "out.safetensors", options);
+  EXPECT_FALSE(r.warnings.empty());
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{9.5, 9, 8, 9.25}));
+}
+
+TEST_F(LinearEdit, NonFiniteInputsAreDetected) {
+  write_model(dir / "nan.safetensors", {{"w", DType::kF32, {2, 2}, {1, NAN, 3, 4}}});
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint bad = Checkpoint::open(dir / "nan.safetensors");
+  try {
+    make_task_vector(pre, bad, dir / "out.safetensors", options);
+    FAIL() << "expected kNonFinite";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kNonFinite);
+    EXPECT_NE(std::string(e.what()).find("nan.safetensors"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("element 1"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
+  options.allow_nonfinite = true;
+  make_task_vector(pre, bad, dir / "out.safetensors", options);
+  EXPECT_TRUE(std::isnan(read_values(dir / "out.safetensors", "w")[1]));
+}
+
+TEST_F(LinearEdit, DryRunWritesNothingAndExistingOutputsNeedForce) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft.safetensors");
+  options.dry_run = true;
+  EditReport plan = make_task_vector(pre, ft, dir / "tau.safetensors", options);
+  EXPECT_FALSE(std::filesystem::exists(dir / "tau.safetensors"));
+  ASSERT_EQ(plan.plan.shards.size(), 1u);
+  EXPECT_EQ(plan.plan.total_bytes, 16u);
+  options.dry_run = false;
+  make_task_vector(pre, ft, dir / "tau.safetensors", options);
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, ft, dir / "tau.safetensors", options); }), ErrorCode::kOutputExists);
+  // The output may never be one of the inputs, even with --force.
+  options.write.force = true;
+  EXPECT_EQ(error_of([&] { make_task_vector(pre, ft, dir / "ft.safetensors", options); }), ErrorCode::kOutputExists);
+  make_task_vector(pre, ft, dir / "tau.safetensors", options);
+}
+
+// bf16/f16 round trip: apply(pre, diff(pre, ft), 1) == ft bit for bit (docs/NUMERICS.md gives the
+// condition: |pre| <= 2^14 |ft| or ft == 0; the generator keeps realistic pairs inside it).
+void round_trip(DType dtype, TempDir& dir) {
+  std::mt19937 rng(7);
+  std::normal_distribution<double> weight(0.0, 0.05), delta(0.0, 0.002);
+  std::vector<double> pre, ft;
+  while (pre.size() < 100000) {
+    double p = weight(rng);
+    double f = pre.size() % 10 == 0 ? -p + delta(rng) * 0.01 : p + delta(rng);  // every 10th crosses zero
+    // round both to the dtype through the writer, then keep pairs inside the documented bound
+    pre.push_back(p);
+    ft.push_back(f);
+  }
+  write_model(dir / "p.safetensors", {{"w", dtype, {pre.size()}, pre}});
+  write_model(dir / "f.safetensors", {{"w", dtype, {ft.size()}, ft}});
+  auto p = read_values(dir / "p.safetensors", "w");
+  auto f = read_values(dir / "f.safetensors", "w");
+  std::vector<double> keep_p, keep_f;
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    if (f[i] == 0 || std::abs(p[i]) <= 16384 * std::abs(f[i])) {
+      keep_p.push_back(p[i]);
+      keep_f.push_back(f[i]);
+    }
+  }
+  ASSERT_GT(keep_p.size(), 99000u);
+  write_model(dir / "p.safetensors", {{"w", dtype, {keep_p.size()}, keep_p}});
+  write_model(dir / "f.safetensors", {{"w", dtype, {keep_f.size()}, keep_f}});
+  Checkpoint pc = Checkpoint::open(dir / "p.safetensors");
+  EditOptions options;
+  options.write.force = true;
+  make_task_vector(pc, Checkpoint::open(dir / "f.safetensors"), dir / "tau.safetensors", options);
+  EXPECT_EQ(test::read_dtype(dir / "tau.safetensors", "w"), DType::kF32);
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  apply_task_vectors(pc, {{&tau, 1.0}}, dir / "back.safetensors", options);
+  EXPECT_EQ(test::read_dtype(dir / "back.safetensors", "w"), dtype);
+  EXPECT_EQ(read_tensor_bytes(dir / "back.safetensors", "w"), read_tensor_bytes(dir / "f.safetensors", "w"));
+}
+
+TEST(TaskVectorRoundTrip, Bf16BitForBit) {
+  TempDir dir;
+  round_trip(DType::kBF16, dir);
+}
+
+TEST(TaskVectorRoundTrip, F16BitForBit) {
+  TempDir dir;
+  round_trip(DType::kF16, dir);
+}
+
+TEST(LinearEditThreads, SameBytesForAnyThreadCountAndChunking) {
+  TempDir dir;
+  std::mt19937 rng(11);
+  std::normal_distribution<double> n01(0.0, 1.0);
+  const std::size_t n = 50000;
+  std::vector<std::vector<double>> models(4, std::vector<double>(n));
+  for (auto& m : models) {
+    for (auto& v : m) v = n01(rng);
+  }
+  for (int i = 0; i < 4; ++i) {
+    write_model(dir / ("m" + std::to_string(i) + ".safetensors"),
+                {{"big", DType::kBF16, {n}, models[i]}, {"small", DType::kF16, {3}, {1, 2, 3}}});
+  }
+  std::vector<Checkpoint> ck;
+  for (int i = 0; i < 4; ++i) ck.push_back(Checkpoint::open(dir / ("m" + std::to_string(i) + ".safetensors")));
+  std::vector<LinearTerm> terms{{&ck[1], 0.3, true}, {&ck[2], -0.2, true}, {&ck[3], 0.45, true}};
+  std::vector<std::uint8_t> first;
+  for (unsigned threads : {1u, 2u, 3u}) {
+    for (std::uint64_t budget : {std::uint64_t(1), std::uint64_t(512) << 20}) {
+      EditOptions options;
+      options.threads = threads;
+      options.memory_budget = budget;  // 1 byte: the smallest chunks (1024 elements), ~49 per tensor
+      auto out = dir / ("out" + std::to_string(threads) + "_" + std::to_string(budget) + ".safetensors");
+      EditReport r = linear_edit(ck[0], 1.0, terms, out, options);
+      EXPECT_LE(r.peak_chunk_bytes, std::max<std::uint64_t>(budget, threads * 1024 * 32));
+      auto bytes = test::file_bytes(out);
+      if (first.empty()) {
+        first = bytes;
+      } else {
+        EXPECT_EQ(bytes, first) << threads << " threads, budget " << budget;
+      }
+    }
+  }
+  // Independent check in double precision: within half a bf16 ulp of the exact value, plus the f32
+  // rounding of the accumulation (a few 2^-24 of the magnitudes summed).
+  auto pre = read_values(dir / "m0.safetensors", "big");
+  std::vector<std::vector<double>> x;
+  for (int i = 1; i < 4; ++i) x.push_back(read_values(dir / ("m" + std::to_string(i) + ".safetensors"), "big"));
+  auto out = read_values(dir / "out1_1.safetensors", "big");
+  for (std::size_t i = 0; i < n; ++i) {
+    double exact = pre[i] + 0.3 * (x[0][i] - pre[i]) - 0.2 * (x[1][i] - pre[i]) + 0.45 * (x[2][i] - pre[i]);
+    double magnitude = std::abs(pre[i]) + 0.3 * std::abs(x[0][i] - pre[i]) + 0.2 * std::abs(x[1][i] - pre[i]) +
+                       0.45 * std::abs(x[2][i] - pre[i]);
+    double ulp = std::ldexp(1.0, std::ilogb(exact) - 7);
+    ASSERT_LE(std::abs(out[i] - exact), 0.5 * ulp + 8 * std::ldexp(magnitude, -24)) << i;
+  }
+}
+
+TEST(LinearEditFolders, ShardedOutputWithAuxiliaryFiles) {
+  TempDir dir;
+  auto pre_dir = dir / "pre";
+  auto ft_dir = dir / "ft";
+  std::filesystem::create_directories(pre_dir);
+  std::filesystem::create_directories(ft_dir);
+  std::vector<double> zeros(1000, 0.0), ones(1000, 1.0);
+  write_model(pre_dir / "model.safetensors",
+              {{"a", DType::kF32, {1000}, zeros}, {"b", DType::kF32, {1000}, zeros}, {"c", DType::kF32, {1000}, zeros}},
+              {{"format", "pt"}});
+  write_model(ft_dir / "model.safetensors",
+              {{"a", DType::kF32, {1000}, ones}, {"b", DType::kF32, {1000}, ones}, {"c", DType::kF32, {1000}, ones}});
+  std::ofstream(pre_dir / "config.json") << "{\"model_type\": \"toy\"}";
+  std::ofstream(pre_dir / "tokenizer.json") << "{}";
+  Checkpoint pre = Checkpoint::open(pre_dir);
+  Checkpoint ft = Checkpoint::open(ft_dir);
+  EditOptions options;
+  options.write.max_shard_size = 5000;  // each tensor is 4000 bytes: one per shard
+  std::map<std::string, const Checkpoint*> models{{"pre", &pre}, {"ft", &ft}};
+  edit_expression(models, "pre", "pre + 0.25*tau(ft)", dir / "out", options);
+  EXPECT_TRUE(std::filesystem::exists(dir / "out" / kIndexFileName));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out" / "model-00001-of-00003.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out" / "model-00003-of-00003.safetensors"));
+  EXPECT_EQ(test::file_bytes(dir / "out" / "config.json"), test::file_bytes(pre_dir / "config.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "out" / "tokenizer.json"));
+  Checkpoint out = Checkpoint::open(dir / "out");
+  EXPECT_EQ(out.shards().size(), 3u);
+  EXPECT_EQ(out.metadata().at("format"), "pt");
+  for (const char* name : {"a", "b", "c"}) EXPECT_EQ(read_values(dir / "out", name), std::vector<double>(1000, 0.25));
+}
+
+TEST(Similarity, CosineNormsAndSignConflictsByHand) {
+  TempDir dir;
+  write_model(dir / "p.safetensors", {{"w", DType::kF32, {3}, {1, 1, 1}}});
+  write_model(dir / "a.safetensors", {{"w", DType::kF32, {3}, {4, 5, 1}}});    // tau [3, 4, 0]
+  write_model(dir / "b.safetensors", {{"w", DType::kF32, {3}, {-2, -3, 1}}});  // tau [-3, -4, 0]
+  write_model(dir / "c.safetensors", {{"w", DType::kF32, {3}, {1, 1, 3}}});    // tau [0, 0, 2]
+  Checkpoint p = Checkpoint::open(dir / "p.safetensors");
+  std::vector<Checkpoint> m;
+  for (const char* n : {"a", "b", "c"}) m.push_back(Checkpoint::open(dir / (std::string(n) + ".safetensors")));
+  std::vector<std::pair<std::string, const Checkpoint*>> models{{"a", &m[0]}, {"b", &m[1]}, {"c", &m[2]}};
+  for (unsigned threads : {1u, 2u}) {
+    EditOptions options;
+    options.threads = threads;
+    SimilarityReport r = task_vector_similarity(&p, models, options);
+    EXPECT_DOUBLE_EQ(r.norms[0], 5.0);
+    EXPECT_DOUBLE_EQ(r.norms[1], 5.0);
+    EXPECT_DOUBLE_EQ(r.norms[2], 2.0);
+    EXPECT_DOUBLE_EQ(r.cosine[0][1], -1.0);
+    EXPECT_DOUBLE_EQ(r.cosine[0][2], 0.0);
+    EXPECT_DOUBLE_EQ(r.cosine[2][2], 1.0);
+    EXPECT_DOUBLE_EQ(r.sign_conflict[0][1], 1.0);  // both non-zero on 2 coordinates, opposite on both
+    EXPECT_DOUBLE_EQ(r.sign_conflict[0][2], 0.0);
+  }
+}
+
+}  // namespace
+}  // namespace taskvec

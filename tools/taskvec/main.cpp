@@ -1,0 +1,51 @@
+// taskvec: the command-line tool. Parses flags once (CLI11), runs the chosen subcommand, and maps a
+// taskvec::Error to its documented exit status (docs/CLI.md).
+#include <cstdio>
+#include <exception>
+
+#include <fmt/core.h>
+
+#include "cli.hpp"
+#include "taskvec/error.hpp"
+
+int main(int argc, char** argv) {
+  using namespace taskvec;
+  CLI::App app{"taskvec: edit neural networks with task arithmetic (task vectors, negation, addition, analogies, merges)"};
+  app.set_version_flag("--version", "taskvec 0.1.0");
+  app.require_subcommand(1);
+  app.fallthrough();
+  cli::GlobalFlags global;
+  app.add_flag("--json", global.json, "Machine-readable JSON output on stdout");
+  app.add_flag("-q,--quiet", global.quiet, "No progress display and no summary");
+  cli::Action action;
+  cli::add_inspect_command(app, global, action);
+  cli::add_validate_command(app, global, action);
+  cli::add_diff_command(app, global, action);
+  cli::add_apply_command(app, global, action);
+  cli::add_edit_command(app, global, action);
+  cli::add_merge_command(app, global, action);
+  cli::add_similarity_command(app, global, action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  try {
+    return action ? action() : 2;
+  } catch (const Error& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "taskvec: error ({}): {}\n", error_code_name(e.code()), e.what());
+    return exit_status(e.code());
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "taskvec: unexpected error: {}\n", e.what());
+    return 1;
+  }
+}
