@@ -48,6 +48,11 @@ float f8e4m3_to_f32(std::uint8_t bits) noexcept;
 std::uint8_t f32_to_f8e4m3(float value) noexcept;
 float f8e5m2_to_f32(std::uint8_t bits) noexcept;
 std::uint8_t f32_to_f8e5m2(float value) noexcept;
+// Straight from f64, rounding once (no double rounding through f32). Same NaN/Inf/saturation policy.
+std::uint16_t f64_to_f16(double value) noexcept;
+std::uint16_t f64_to_bf16(double value) noexcept;
+std::uint8_t f64_to_f8e4m3(double value) noexcept;
+std::uint8_t f64_to_f8e5m2(double value) noexcept;
 
 // ---- bulk conversions of little-endian tensor bytes (the hot path; vectorizable loops) ----
 /// Decodes n elements of an editable dtype from `src` (n * dtype_bits/8 bytes, any alignment) into
