@@ -43,7 +43,7 @@ class Checkpoint {
   const std::filesystem::path& path() const noexcept { return path_; }
   /// The folder of a folder/index checkpoint; nullopt for a single-file checkpoint.
   const std::optional<std::filesystem::path>& folder() const noexcept { return folder_; }
-  /// The shards in index order (one for a single file).
+  /// The shards, sorted by shard file name (one for a single file).
   const std::vector<std::shared_ptr<const SafetensorsFile>>& shards() const noexcept { return shards_; }
   /// All tensor names, sorted.
   const std::vector<std::string>& tensor_names() const noexcept { return names_; }
@@ -100,14 +100,21 @@ struct CheckpointPlan {
   std::uint64_t total_bytes = 0;              ///< tensor data bytes
 
   /// Plans `specs` (any order) with `metadata` written into every shard's __metadata__.
+  /// Throws Error{kInvalidArgument} for max_shard_size 0, Error{kInvalidName} for a duplicate name,
+  /// and what SafetensorsLayout::build throws.
   static CheckpointPlan build(const std::filesystem::path& output, std::vector<TensorSpec> specs,
                               const std::map<std::string, std::string>& metadata, const CheckpointWriteOptions& options);
 };
 
 /// Writes a planned checkpoint. Refuses (kOutputExists) an existing output file / index / shard
 /// unless options.force, and any output path that is one of `inputs` (even with force: inputs are
-/// never overwritten). Every shard is an AtomicFile; commit() publishes the shards, copies
-/// `auxiliary_files` into the folder atomically, and writes the index file last.
+/// never overwritten; for an input folder or index, nothing in that folder is replaced). Creates a
+/// folder output if needed. Every shard is an AtomicFile; commit() publishes the shards, copies
+/// `auxiliary_files` into the folder atomically (ignored for a single-file output; an existing
+/// copy is kOutputExists without force, checked before anything is published), and writes the
+/// index file last. A one-shard folder gets model.safetensors and no index (a stale index left by
+/// an earlier sharded run is removed, which only happens with force). Destroying an uncommitted
+/// writer leaves no output and no temp file.
 class CheckpointWriter {
  public:
   CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOptions& options,
@@ -122,6 +129,8 @@ class CheckpointWriter {
  private:
   CheckpointPlan plan_;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
+  bool force_ = false;
+  bool committed_ = false;
 };
 
 /// Validates a checkpoint completely (open() plus nothing else to check today); returns normally or

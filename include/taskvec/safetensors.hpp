@@ -49,6 +49,7 @@ struct SafetensorsHeader {
   std::vector<TensorInfo> tensors;               ///< sorted by name
   std::map<std::string, std::string> metadata;   ///< __metadata__ (empty if absent)
   std::uint64_t header_size = 0;                 ///< N, bytes
+  std::vector<std::string> warnings;             ///< lenient-read notes (e.g. unknown fields in an entry, B8)
   std::uint64_t data_start() const noexcept { return 8 + header_size; }  ///< absolute file offset of the data buffer
   /// The entry named `name`, or nullptr. O(log n).
   const TensorInfo* find(std::string_view name) const noexcept;
@@ -115,7 +116,9 @@ struct TensorSpec {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<std::uint64_t> shape;
-  std::uint64_t num_bytes() const;  ///< elements x dtype size; throws Error{kShapeOverflow}
+  /// elements x dtype size; throws Error{kShapeOverflow}, or Error{kTensorSizeMismatch} when a
+  /// sub-byte dtype (F4, F6_*) does not fill whole bytes (B15).
+  std::uint64_t num_bytes() const;
 };
 
 /// The byte layout of a safetensors file computed from specs alone (so data can be written at
@@ -130,7 +133,9 @@ struct SafetensorsLayout {
   std::uint64_t file_size = 0;                   ///< bytes
 
   /// Builds the layout. Throws Error{kInvalidName} for an empty/NUL/control-character/duplicate name
-  /// or "__metadata__", Error{kHeaderTooLarge} past kMaxHeaderSize, Error{kShapeOverflow}.
+  /// or "__metadata__", Error{kHeaderTooLarge} past kMaxHeaderSize, Error{kShapeOverflow} (also when
+  /// the data would end past 2^53 bytes), Error{kInvalidMetadata} for metadata that is not UTF-8.
+  /// The header JSON has no "__metadata__" key when `metadata` is empty.
   static SafetensorsLayout build(std::vector<TensorSpec> specs, const std::map<std::string, std::string>& metadata);
   /// Index into `tensors` of `name`; throws Error{kTensorMissing}.
   std::size_t index_of(std::string_view name) const;

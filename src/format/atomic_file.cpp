@@ -1,0 +1,103 @@
+// Output files written in place and published by rename, so no reader sees a partial file.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <utility>
+
+#include "format/internal.hpp"
+#include "taskvec/error.hpp"
+#include "taskvec/safetensors.hpp"
+
+namespace taskvec {
+
+namespace {
+
+[[noreturn]] void fail_errno(int err, const std::filesystem::path& path, const std::string& doing) {
+  const ErrorCode code = (err == ENOSPC || err == EFBIG || err == EDQUOT) ? ErrorCode::kDiskFull : ErrorCode::kIo;
+  throw Error(code, path.string() + ": cannot " + doing + ": " + format_detail::errno_text(err));
+}
+
+std::filesystem::path folder_of(const std::filesystem::path& path) {
+  auto parent = path.parent_path();
+  return parent.empty() ? std::filesystem::path(".") : parent;
+}
+
+}  // namespace
+
+AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(std::move(path)) {
+  if (path_.filename().empty()) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a file path");
+  std::string templ = (folder_of(path_) / ("." + path_.filename().string() + ".tmp-XXXXXX")).string();
+  fd_ = ::mkostemp(templ.data(), O_CLOEXEC);
+  if (fd_ < 0) fail_errno(errno, path_, "create a temporary file in " + folder_of(path_).string());
+  temp_path_ = templ;
+  try {
+    // mkstemp creates 0600; outputs are ordinary model files.
+    ::fchmod(fd_, 0644);
+    if (size > 0) {
+      if (size > static_cast<std::uint64_t>(INT64_MAX)) {
+        throw Error(ErrorCode::kDiskFull, path_.string() + ": size " + std::to_string(size) + " is too large");
+      }
+      // Reserve the space now so a full disk fails before any work is done.
+      int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));
+      if (err == EINVAL || err == EOPNOTSUPP) {
+        err = ::ftruncate(fd_, static_cast<off_t>(size)) == 0 ? 0 : errno;  // filesystem without fallocate
+      }
+      if (err != 0) fail_errno(err, path_, "reserve " + std::to_string(size) + " bytes");
+    }
+  } catch (...) {
+    // The destructor does not run for a failed constructor: clean up here.
+    ::close(fd_);
+    ::unlink(temp_path_.c_str());
+    throw;
+  }
+}
+
+AtomicFile::AtomicFile(AtomicFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      temp_path_(std::exchange(other.temp_path_, {})),
+      fd_(std::exchange(other.fd_, -1)),
+      committed_(std::exchange(other.committed_, true)) {}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
+}
+
+void AtomicFile::write_at(std::uint64_t offset, std::span<const std::byte> bytes) const {
+  if (fd_ < 0 || committed_) throw Error(ErrorCode::kInternal, path_.string() + ": write after commit");
+  const std::byte* p = bytes.data();
+  std::size_t left = bytes.size();
+  while (left > 0) {
+    const ssize_t n = ::pwrite(fd_, p, left, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail_errno(errno, path_, "write");
+    }
+    if (n == 0) fail_errno(ENOSPC, path_, "write (no progress)");
+    p += n;
+    left -= static_cast<std::size_t>(n);
+    offset += static_cast<std::uint64_t>(n);
+  }
+}
+
+void AtomicFile::commit() {
+  if (fd_ < 0 || committed_) throw Error(ErrorCode::kInternal, path_.string() + ": committed twice");
+  if (::fsync(fd_) != 0) fail_errno(errno, path_, "sync");
+  const int fd = std::exchange(fd_, -1);
+  if (::close(fd) != 0) fail_errno(errno, path_, "close");
+  if (::rename(temp_path_.c_str(), path_.c_str()) != 0) fail_errno(errno, path_, "rename the temporary file onto");
+  committed_ = true;
+  // The rename is only durable once the folder's entry is on disk.
+  const int dir = ::open(folder_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    const int rc = ::fsync(dir);
+    const int err = errno;
+    ::close(dir);
+    if (rc != 0 && err != EINVAL) fail_errno(err, folder_of(path_), "sync the folder");
+  }
+}
+
+}  // namespace taskvec

@@ -1,0 +1,282 @@
+// Checkpoint::open: one safetensors file, or a Hugging Face folder (single file or index + shards).
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+
+#include "format/internal.hpp"
+#include "taskvec/checkpoint.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+
+namespace fs = std::filesystem;
+using format_detail::quote_name;
+
+namespace {
+
+bool is_safetensors_name(const fs::path& p) { return p.extension() == ".safetensors"; }
+
+// True if `inner` (canonical) is `folder` (canonical) or lies below it.
+bool inside(const fs::path& folder, const fs::path& inner) {
+  auto f = folder.begin();
+  auto i = inner.begin();
+  for (; f != folder.end(); ++f, ++i) {
+    if (i == inner.end() || *f != *i) return false;
+  }
+  return true;
+}
+
+std::string read_text_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(ErrorCode::kIo, path.string() + ": cannot open");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw Error(ErrorCode::kIo, path.string() + ": cannot read");
+  return ss.str();
+}
+
+// Resolves shard `name` of the index in `folder`; throws kShardEscapes if it leaves the folder
+// (absolute, "..", or a symlink pointing out, even a dangling one) and kShardMissing if absent.
+fs::path resolve_shard(const fs::path& folder, const std::string& name, const std::string& label) {
+  const fs::path rel(name);
+  if (name.empty() || format_detail::name_problem(name) != "") {
+    throw Error(ErrorCode::kInvalidIndex, label + ": shard name " + quote_name(name) + " is not a file name");
+  }
+  if (rel.is_absolute() || rel.has_root_name() || rel.has_root_directory()) {
+    throw Error(ErrorCode::kShardEscapes, label + ": shard " + quote_name(name) + " is an absolute path");
+  }
+  for (const auto& part : rel) {
+    if (part == "..") throw Error(ErrorCode::kShardEscapes, label + ": shard " + quote_name(name) + " leaves the folder with '..'");
+  }
+  std::error_code ec;
+  const fs::path root = fs::canonical(folder, ec);
+  if (ec) throw Error(ErrorCode::kIo, folder.string() + ": cannot resolve: " + ec.message());
+  fs::path candidate = root / rel;
+  // Follow the symlink chain by hand so a dangling link that points outside is still caught.
+  for (int hops = 0; hops < 40; ++hops) {
+    const fs::path resolved = fs::weakly_canonical(candidate, ec);
+    if (ec || !inside(root, resolved)) {
+      throw Error(ErrorCode::kShardEscapes, label + ": shard " + quote_name(name) + " resolves outside " + root.string());
+    }
+    const auto st = fs::symlink_status(resolved, ec);
+    if (ec || !fs::is_symlink(st)) {
+      candidate = resolved;
+      break;
+    }
+    const fs::path target = fs::read_symlink(resolved, ec);
+    if (ec) break;
+    candidate = target.is_absolute() ? target : resolved.parent_path() / target;
+  }
+  if (!fs::exists(candidate, ec)) {
+    throw Error(ErrorCode::kShardMissing, label + ": shard " + quote_name(name) + " does not exist in " + folder.string());
+  }
+  return folder / rel;
+}
+
+}  // namespace
+
+Checkpoint Checkpoint::open(const fs::path& path) {
+  Checkpoint ck;
+  ck.path_ = path;
+  std::error_code ec;
+  fs::path file;   // single safetensors file to open, if any
+  fs::path index;  // index json to open, if any
+  if (fs::is_directory(path, ec)) {
+    ck.folder_ = path;
+    if (fs::exists(path / kIndexFileName, ec)) {
+      index = path / kIndexFileName;
+    } else if (fs::exists(path / "model.safetensors", ec)) {
+      file = path / "model.safetensors";
+    } else {
+      std::vector<fs::path> found;
+      for (const auto& entry : fs::directory_iterator(path, ec)) {
+        if (is_safetensors_name(entry.path()) && entry.is_regular_file()) found.push_back(entry.path());
+      }
+      if (ec) throw Error(ErrorCode::kIo, path.string() + ": cannot list the folder: " + ec.message());
+      std::sort(found.begin(), found.end());
+      if (found.empty()) {
+        throw Error(ErrorCode::kIo, path.string() + ": no " + kIndexFileName + " and no .safetensors file in the folder");
+      }
+      if (found.size() > 1) {
+        throw Error(ErrorCode::kInvalidIndex, path.string() + ": " + std::to_string(found.size()) +
+                                                  " .safetensors files (" + found[0].filename().string() + ", " +
+                                                  found[1].filename().string() + ", ...) but no " + kIndexFileName +
+                                                  " saying how they fit together");
+      }
+      file = found.front();
+    }
+  } else if (path.extension() == ".json") {
+    index = path;
+    ck.folder_ = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  } else {
+    file = path;
+  }
+
+  if (!file.empty()) {
+    ck.shards_.push_back(SafetensorsFile::open(file));
+    for (const auto& t : ck.shards_.front()->header().tensors) {
+      ck.tensors_.emplace(t.name, CheckpointTensor{&t, ck.shards_.front().get()});
+    }
+  } else {
+    const std::string label = index.string();
+    const nlohmann::json doc =
+        format_detail::parse_json_strict(read_text_file(index), label, ErrorCode::kInvalidIndex, ErrorCode::kInvalidIndex);
+    if (!doc.is_object()) throw Error(ErrorCode::kInvalidIndex, label + ": the index is not a JSON object");
+    if (const auto meta = doc.find("metadata"); meta != doc.end()) {
+      if (!meta->is_object()) throw Error(ErrorCode::kInvalidIndex, label + ": \"metadata\" is not an object");
+      for (const auto& [k, v] : meta->items()) ck.index_metadata_[k] = v.is_string() ? v.get<std::string>() : v.dump();
+    }
+    const auto wm = doc.find("weight_map");
+    if (wm == doc.end() || !wm->is_object()) {
+      throw Error(ErrorCode::kInvalidIndex, label + ": \"weight_map\" is missing or not an object");
+    }
+    std::map<std::string, std::string> weight_map;
+    std::set<std::string> shard_names;
+    for (const auto& [name, shard] : wm->items()) {
+      if (!shard.is_string()) {
+        throw Error(ErrorCode::kInvalidIndex, label + ": weight_map entry " + quote_name(name) + " is not a string");
+      }
+      weight_map.emplace(name, shard.get<std::string>());
+      shard_names.insert(shard.get<std::string>());
+    }
+    // Every path is checked before any shard is opened.
+    std::vector<std::pair<std::string, fs::path>> shard_paths;
+    for (const auto& s : shard_names) shard_paths.emplace_back(s, resolve_shard(*ck.folder_, s, label));
+    for (const auto& [shard_name, shard_path] : shard_paths) {
+      ck.shards_.push_back(SafetensorsFile::open(shard_path));
+      const SafetensorsFile* shard = ck.shards_.back().get();
+      for (const auto& t : shard->header().tensors) {
+        if (ck.tensors_.contains(t.name)) {
+          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in two shards: " +
+                                                    ck.tensors_.at(t.name).shard->path().filename().string() + " and " +
+                                                    shard_name);
+        }
+        const auto it = weight_map.find(t.name);
+        if (it == weight_map.end()) {
+          throw Error(ErrorCode::kInvalidIndex,
+                      label + ": tensor " + quote_name(t.name) + " of shard " + shard_name + " is not in the weight_map");
+        }
+        if (it->second != shard_name) {
+          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in shard " + shard_name +
+                                                    " but the weight_map says " + it->second);
+        }
+        ck.tensors_.emplace(t.name, CheckpointTensor{&t, shard});
+      }
+    }
+    for (const auto& [name, shard] : weight_map) {
+      if (!ck.tensors_.contains(name)) {
+        throw Error(ErrorCode::kInvalidIndex,
+                    label + ": the weight_map puts tensor " + quote_name(name) + " in " + shard + ", which lacks it");
+      }
+    }
+  }
+  ck.names_.reserve(ck.tensors_.size());
+  for (const auto& [name, t] : ck.tensors_) ck.names_.push_back(name);
+  return ck;
+}
+
+const CheckpointTensor* Checkpoint::find(std::string_view name) const noexcept {
+  const auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+const CheckpointTensor& Checkpoint::at(std::string_view name) const {
+  if (const auto* t = find(name)) return *t;
+  throw Error(ErrorCode::kTensorMissing, path_.string() + ": no tensor " + quote_name(name));
+}
+
+const std::map<std::string, std::string>& Checkpoint::metadata() const noexcept {
+  static const std::map<std::string, std::string> kEmpty;
+  return shards_.empty() ? kEmpty : shards_.front()->header().metadata;
+}
+
+std::uint64_t Checkpoint::total_bytes() const noexcept {
+  std::uint64_t sum = 0;
+  for (const auto& [name, t] : tensors_) sum += t.info->num_bytes();
+  return sum;
+}
+
+std::uint64_t Checkpoint::total_elements() const noexcept {
+  std::uint64_t sum = 0;
+  for (const auto& [name, t] : tensors_) sum += t.info->num_elements();
+  return sum;
+}
+
+std::vector<fs::path> Checkpoint::auxiliary_files() const {
+  std::vector<fs::path> out;
+  if (!folder_) return out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(*folder_, ec)) {
+    if (!entry.is_regular_file()) continue;
+    const std::string n = entry.path().filename().string();
+    const auto starts = [&n](std::string_view p) { return n.starts_with(p); };
+    const bool aux = n == "config.json" || n == "generation_config.json" || starts("tokenizer") ||
+                     n == "special_tokens_map.json" || starts("vocab") || n == "merges.txt" ||
+                     entry.path().extension() == ".model" || starts("chat_template") ||
+                     n == "preprocessor_config.json";
+    if (aux) out.push_back(entry.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+namespace {
+
+struct Fnv1a {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  void add(const void* data, std::size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (std::size_t i = 0; i < n; ++i) {
+      h ^= p[i];
+      h *= 0x100000001b3ULL;
+    }
+  }
+  void add_u64(std::uint64_t v) {
+    unsigned char b[8];
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<unsigned char>(v >> (8 * i));
+    add(b, 8);
+  }
+  void add_str(std::string_view s) {
+    add_u64(s.size());
+    add(s.data(), s.size());
+  }
+};
+
+}  // namespace
+
+std::string Checkpoint::fingerprint() const {
+  // Lengths precede strings and shapes so different splits of the same bytes hash differently.
+  constexpr std::uint64_t kSamples = 64;
+  constexpr std::uint64_t kSampleBytes = 64;
+  Fnv1a f;
+  f.add_u64(tensors_.size());
+  for (const auto& [name, t] : tensors_) {
+    f.add_str(name);
+    f.add_str(dtype_name(t.info->dtype));
+    f.add_u64(t.info->shape.size());
+    for (const auto d : t.info->shape) f.add_u64(d);
+    const auto bytes = t.bytes();
+    const std::uint64_t n = bytes.size();
+    if (n <= kSamples * kSampleBytes) {
+      f.add(bytes.data(), bytes.size());
+    } else {
+      for (std::uint64_t i = 0; i < kSamples; ++i) {
+        // floor((n - 64) * i / 63) without overflow: split n - 64 = q * 63 + r.
+        const std::uint64_t q = (n - kSampleBytes) / (kSamples - 1);
+        const std::uint64_t r = (n - kSampleBytes) % (kSamples - 1);
+        const std::uint64_t off = q * i + r * i / (kSamples - 1);
+        f.add(bytes.data() + off, kSampleBytes);
+      }
+    }
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out(16, '0');
+  for (int i = 0; i < 16; ++i) out[static_cast<std::size_t>(i)] = kHex[(f.h >> (60 - 4 * i)) & 0xF];
+  return out;
+}
+
+void validate_checkpoint(const fs::path& path) { (void)Checkpoint::open(path); }
+
+}  // namespace taskvec

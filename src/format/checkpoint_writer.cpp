@@ -1,0 +1,230 @@
+// CheckpointPlan (sharding, HF names) and CheckpointWriter (refusals, atomic publish, index last).
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "format/internal.hpp"
+#include "taskvec/checkpoint.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+
+namespace fs = std::filesystem;
+using format_detail::quote_name;
+
+namespace {
+
+std::string shard_file_name(std::size_t k, std::size_t n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k, n);
+  return buf;
+}
+
+// Paths an output must never replace for input `in`: the input itself and, for a checkpoint folder
+// or index, the folder and every file in it.
+std::vector<fs::path> protected_paths(const fs::path& in) {
+  std::vector<fs::path> out{in};
+  std::error_code ec;
+  fs::path folder;
+  if (fs::is_directory(in, ec)) {
+    folder = in;
+  } else if (in.extension() == ".json") {
+    folder = in.has_parent_path() ? in.parent_path() : fs::path(".");
+    out.push_back(folder);
+  }
+  if (!folder.empty()) {
+    for (const auto& entry : fs::directory_iterator(folder, ec)) out.push_back(entry.path());
+  }
+  return out;
+}
+
+void copy_atomically(const fs::path& from, const fs::path& to) {
+  const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error(ErrorCode::kIo, from.string() + ": cannot open: " + format_detail::errno_text(err));
+  }
+  std::error_code ec;
+  const auto size = fs::file_size(from, ec);
+  if (ec) {
+    ::close(fd);
+    throw Error(ErrorCode::kIo, from.string() + ": cannot stat: " + ec.message());
+  }
+  try {
+    AtomicFile out(to, size);
+    std::vector<std::byte> buf(1 << 20);
+    std::uint64_t done = 0;
+    while (true) {
+      const ssize_t n = ::read(fd, buf.data(), buf.size());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        const int err = errno;
+        throw Error(ErrorCode::kIo, from.string() + ": cannot read: " + format_detail::errno_text(err));
+      }
+      if (n == 0) break;
+      out.write_at(done, std::span(buf.data(), static_cast<std::size_t>(n)));
+      done += static_cast<std::uint64_t>(n);
+    }
+    if (done != size) throw Error(ErrorCode::kIo, from.string() + ": changed size while being copied");
+    out.commit();
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+}
+
+}  // namespace
+
+CheckpointPlan CheckpointPlan::build(const fs::path& output, std::vector<TensorSpec> specs,
+                                     const std::map<std::string, std::string>& metadata,
+                                     const CheckpointWriteOptions& options) {
+  if (options.max_shard_size == 0) throw Error(ErrorCode::kInvalidArgument, "max_shard_size must be positive");
+  CheckpointPlan plan;
+  plan.output = output;
+  plan.is_folder = output.extension() != ".safetensors";
+  std::sort(specs.begin(), specs.end(), [](const TensorSpec& a, const TensorSpec& b) { return a.name < b.name; });
+  for (std::size_t i = 1; i < specs.size(); ++i) {
+    if (specs[i].name == specs[i - 1].name) {
+      throw Error(ErrorCode::kInvalidName, output.string() + ": tensor " + quote_name(specs[i].name) + " occurs twice");
+    }
+  }
+  // Greedy in name order: start a new shard when the next tensor would overflow the current one.
+  std::vector<std::vector<TensorSpec>> groups(1);
+  std::uint64_t current = 0;
+  for (auto& s : specs) {
+    const std::uint64_t bytes = s.num_bytes();
+    if (__builtin_add_overflow(plan.total_bytes, bytes, &plan.total_bytes)) {
+      throw Error(ErrorCode::kShapeOverflow, output.string() + ": total size overflows 64 bits");
+    }
+    if (plan.is_folder && !groups.back().empty() && (bytes > options.max_shard_size - std::min(current, options.max_shard_size))) {
+      groups.emplace_back();
+      current = 0;
+    }
+    current += bytes;
+    groups.back().push_back(std::move(s));
+  }
+  const std::size_t n = groups.size();
+  for (std::size_t k = 0; k < n; ++k) {
+    Shard shard;
+    if (!plan.is_folder) {
+      shard.path = output;
+    } else {
+      shard.path = output / (n == 1 ? std::string("model.safetensors") : shard_file_name(k + 1, n));
+    }
+    shard.layout = SafetensorsLayout::build(std::move(groups[k]), metadata);
+    for (std::size_t i = 0; i < shard.layout.tensors.size(); ++i) {
+      plan.location.emplace(shard.layout.tensors[i].name, std::make_pair(k, i));
+    }
+    plan.shards.push_back(std::move(shard));
+  }
+  return plan;
+}
+
+CheckpointWriter::CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOptions& options,
+                                   const std::vector<fs::path>& inputs)
+    : plan_(std::move(plan)), force_(options.force) {
+  std::error_code ec;
+  const fs::path& out = plan_.output;
+  std::vector<fs::path> targets;
+  for (const auto& s : plan_.shards) targets.push_back(s.path);
+  if (plan_.is_folder) {
+    targets.push_back(out / kIndexFileName);
+    targets.push_back(out / "model.safetensors");
+  }
+  // Inputs are never overwritten, not even with force.
+  for (const auto& in : inputs) {
+    for (const auto& p : protected_paths(in)) {
+      bool hit = format_detail::same_path(out, p);
+      for (const auto& t : targets) hit = hit || format_detail::same_path(t, p);
+      if (hit) {
+        throw Error(ErrorCode::kOutputExists,
+                    out.string() + ": the output would overwrite the input " + in.string() + " (refused even with --force)");
+      }
+    }
+  }
+  if (plan_.is_folder) {
+    if (fs::exists(out, ec) && !fs::is_directory(out, ec)) {
+      throw Error(ErrorCode::kOutputExists, out.string() + ": exists and is not a folder");
+    }
+  } else if (fs::is_directory(out, ec)) {
+    throw Error(ErrorCode::kOutputExists, out.string() + ": is a folder, expected a .safetensors file path");
+  }
+  if (!force_) {
+    for (const auto& t : targets) {
+      if (fs::exists(fs::symlink_status(t, ec))) {
+        throw Error(ErrorCode::kOutputExists, t.string() + ": already exists (use --force to replace it)");
+      }
+    }
+  }
+  if (plan_.is_folder) {
+    fs::create_directories(out, ec);
+    if (ec) throw Error(ErrorCode::kIo, out.string() + ": cannot create the folder: " + ec.message());
+  }
+  writers_.reserve(plan_.shards.size());
+  for (const auto& s : plan_.shards) writers_.push_back(std::make_unique<SafetensorsWriter>(s.path, s.layout));
+}
+
+void CheckpointWriter::write(std::string_view name, std::uint64_t offset_in_tensor,
+                             std::span<const std::byte> bytes) const {
+  const auto it = plan_.location.find(name);
+  if (it == plan_.location.end()) {
+    throw Error(ErrorCode::kTensorMissing, plan_.output.string() + ": no tensor " + quote_name(name) + " in the plan");
+  }
+  write(it->second.first, it->second.second, offset_in_tensor, bytes);
+}
+
+void CheckpointWriter::write(std::size_t shard, std::size_t index, std::uint64_t offset_in_tensor,
+                             std::span<const std::byte> bytes) const {
+  if (shard >= writers_.size()) {
+    throw Error(ErrorCode::kInternal, plan_.output.string() + ": shard " + std::to_string(shard) + " out of range");
+  }
+  writers_[shard]->write_tensor(index, offset_in_tensor, bytes);
+}
+
+void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files) {
+  if (committed_) throw Error(ErrorCode::kInternal, plan_.output.string() + ": committed twice");
+  const fs::path& out = plan_.output;
+  std::error_code ec;
+  // Check the auxiliary files before publishing anything, so a refusal leaves no half output.
+  std::vector<std::pair<fs::path, fs::path>> copies;
+  if (plan_.is_folder) {
+    for (const auto& aux : auxiliary_files) {
+      const fs::path dest = out / aux.filename();
+      if (format_detail::same_path(aux, dest)) continue;
+      if (!force_ && fs::exists(fs::symlink_status(dest, ec))) {
+        throw Error(ErrorCode::kOutputExists, dest.string() + ": already exists (use --force to replace it)");
+      }
+      copies.emplace_back(aux, dest);
+    }
+  }
+  committed_ = true;
+  for (auto& w : writers_) w->commit();
+  for (const auto& [from, to] : copies) copy_atomically(from, to);
+  if (!plan_.is_folder) return;
+  const fs::path index_path = out / kIndexFileName;
+  if (plan_.shards.size() == 1) {
+    // A stale index (possible only with force) would hide the new model.safetensors from readers.
+    if (fs::exists(fs::symlink_status(index_path, ec)) && ::unlink(index_path.c_str()) != 0) {
+      const int err = errno;
+      throw Error(ErrorCode::kIo, index_path.string() + ": cannot remove the stale index: " + format_detail::errno_text(err));
+    }
+    return;
+  }
+  nlohmann::json weight_map = nlohmann::json::object();
+  for (const auto& s : plan_.shards) {
+    const std::string file = s.path.filename().string();
+    for (const auto& t : s.layout.tensors) weight_map[t.name] = file;
+  }
+  const nlohmann::json index = {{"metadata", {{"total_size", plan_.total_bytes}}}, {"weight_map", weight_map}};
+  const std::string text = index.dump(2) + "\n";
+  AtomicFile file(index_path, text.size());
+  file.write_at(0, std::as_bytes(std::span(text.data(), text.size())));
+  file.commit();
+}
+
+}  // namespace taskvec

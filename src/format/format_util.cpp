@@ -1,0 +1,176 @@
+#include <cerrno>
+#include <cstring>
+#include <set>
+#include <string>
+#include <system_error>
+
+#include "format/internal.hpp"
+
+namespace taskvec::format_detail {
+
+bool is_valid_utf8(std::string_view bytes) noexcept {
+  const auto* s = reinterpret_cast<const unsigned char*>(bytes.data());
+  const std::size_t n = bytes.size();
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned c = s[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = 0;
+    std::uint32_t cp = 0;
+    std::uint32_t min = 0;
+    if ((c & 0xE0) == 0xC0) {
+      len = 2, cp = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3, cp = c & 0x0F, min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4, cp = c & 0x07, min = 0x10000;
+    } else {
+      return false;  // stray continuation byte or 0xF8..0xFF
+    }
+    if (n - i < len) return false;
+    for (std::size_t k = 1; k < len; ++k) {
+      const unsigned cc = s[i + k];
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
+std::string name_problem(std::string_view name) {
+  if (name.empty()) return "the name is empty";
+  for (const char ch : name) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == 0) return "the name contains a NUL character";
+    if (c < 0x20 || c == 0x7F) return "the name contains a control character";
+  }
+  if (!is_valid_utf8(name)) return "the name is not valid UTF-8";
+  return {};
+}
+
+namespace {
+
+struct DuplicateKeyFound {
+  std::string key;
+};
+
+}  // namespace
+
+nlohmann::json parse_json_strict(std::string_view text, const std::string& label, ErrorCode syntax_code,
+                                 ErrorCode duplicate_code) {
+  // nlohmann keeps the last of two equal keys without telling; the callback sees every key of every
+  // object as it is parsed, so a stack of key sets (one per open object) catches duplicates anywhere.
+  // Arrays push nothing: only objects have keys.
+  std::vector<std::set<std::string>> open_objects;
+  auto callback = [&open_objects](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using E = nlohmann::json::parse_event_t;
+    switch (event) {
+      case E::object_start:
+        open_objects.emplace_back();
+        break;
+      case E::object_end:
+        if (!open_objects.empty()) open_objects.pop_back();
+        break;
+      case E::key:
+        if (!open_objects.empty()) {
+          const auto& key = parsed.get_ref<const std::string&>();
+          if (!open_objects.back().insert(key).second) throw DuplicateKeyFound{key};
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  // nlohmann builds nested values with heap nodes; cap nesting before parsing so a hostile 100 MB
+  // header of '[' cannot make it allocate millions of nodes. Real headers nest 3 deep.
+  constexpr int kMaxDepth = 64;
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '\0') {
+      // nlohmann stops at a NUL as if the input ended, which would let "{...}\0<anything>" pass.
+      throw Error(syntax_code, label + ": NUL byte at header offset " + std::to_string(i));
+    }
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      if (++depth > kMaxDepth) {
+        throw Error(syntax_code, label + ": JSON nests deeper than " + std::to_string(kMaxDepth) + " levels");
+      }
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  try {
+    return nlohmann::json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true);
+  } catch (const DuplicateKeyFound& dup) {
+    throw Error(duplicate_code, label + ": duplicate JSON key " + quote_name(dup.key));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(syntax_code, label + ": not valid JSON: " + e.what());
+  }
+}
+
+std::string quote_name(std::string_view text) {
+  std::string out = "'";
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c == 0x7F) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    } else {
+      out += ch;
+    }
+  }
+  out += '\'';
+  return out;
+}
+
+std::string format_dims(const std::vector<std::uint64_t>& dims) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < dims.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(dims[i]);
+  }
+  out += ']';
+  return out;
+}
+
+std::string errno_text(int err) {
+  char buf[256];
+  // GNU strerror_r returns the message pointer (which may or may not be buf).
+  const char* msg = strerror_r(err, buf, sizeof buf);
+  return msg;
+}
+
+bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) noexcept {
+  std::error_code ec1;
+  std::error_code ec2;
+  if (std::filesystem::exists(a, ec1) && std::filesystem::exists(b, ec2)) {
+    std::error_code ec;
+    const bool eq = std::filesystem::equivalent(a, b, ec);
+    if (!ec) return eq;
+  }
+  std::error_code ec;
+  const auto ca = std::filesystem::weakly_canonical(a, ec);
+  if (ec) return false;
+  const auto cb = std::filesystem::weakly_canonical(b, ec);
+  if (ec) return false;
+  return ca == cb;
+}
+
+}  // namespace taskvec::format_detail

@@ -1,0 +1,42 @@
+// taskvec format layer: helpers shared by the format sources (not a public header).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "taskvec/error.hpp"
+
+namespace taskvec::format_detail {
+
+/// Largest integer accepted in a shape or data_offsets entry (2^53: exact in every JSON parser).
+inline constexpr std::uint64_t kMaxJsonInteger = std::uint64_t{1} << 53;
+
+/// True if `bytes` is well-formed UTF-8 (no overlongs, no surrogates, nothing above U+10FFFF).
+bool is_valid_utf8(std::string_view bytes) noexcept;
+
+/// Why a name cannot be a tensor name (empty, NUL, control character, invalid UTF-8), or empty.
+std::string name_problem(std::string_view name);
+
+/// Parses JSON text, rejecting duplicate keys in any object. On a duplicate key throws
+/// Error{duplicate_code}, on any other syntax error Error{syntax_code}; messages start with `label`.
+nlohmann::json parse_json_strict(std::string_view text, const std::string& label, ErrorCode syntax_code,
+                                 ErrorCode duplicate_code);
+
+/// Renders a string for a message: quoted, with control bytes escaped.
+std::string quote_name(std::string_view text);
+
+/// "[a, b, c]".
+std::string format_dims(const std::vector<std::uint64_t>& dims);
+
+/// strerror_r as a std::string.
+std::string errno_text(int err);
+
+/// a == b as files: equivalent() when both exist, else equal weakly_canonical paths. Never throws.
+bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) noexcept;
+
+}  // namespace taskvec::format_detail
