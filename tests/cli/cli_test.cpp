@@ -19,15 +19,15 @@ using test::read_values;
 using test::TempDir;
 using test::write_model;
 
-struct Run {
+struct Result {
   int status = -1;
   std::string out, err;
 };
 
-Run run(const std::string& args, const TempDir& dir) {
+Result run(const std::string& args, const TempDir& dir) {
   auto err_path = dir / "stderr.txt";
   std::string command = std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
-  Run r;
+  Result r;
   FILE* pipe = popen(command.c_str(), "r");
   std::array<char, 4096> buf;
   std::size_t n;
@@ -58,7 +58,7 @@ class Cli : public ::testing::Test {
 };
 
 TEST_F(Cli, InspectJson) {
-  Run r = run("inspect --json " + p("pre.safetensors"), dir);
+  Result r = run("inspect --json " + p("pre.safetensors"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["tensor_count"], 3);
@@ -69,7 +69,7 @@ TEST_F(Cli, InspectJson) {
   EXPECT_EQ(j["tensors"][0]["dtype"], "BF16");
   EXPECT_EQ(j["tensors"][0]["shape"], nlohmann::json::array({2, 2}));
   EXPECT_EQ(j["dtypes"]["I64"]["bytes"], 16);
-  Run text = run("inspect " + p("pre.safetensors"), dir);
+  Result text = run("inspect " + p("pre.safetensors"), dir);
   EXPECT_EQ(text.status, 0);
   EXPECT_NE(text.out.find("8 parameters"), std::string::npos) << text.out;
 }
@@ -79,10 +79,10 @@ TEST_F(Cli, ValidateExitStatus) {
   // Cut the file short: an interrupted download.
   auto bytes = test::file_bytes(dir / "pre.safetensors");
   std::ofstream(dir / "cut.safetensors", std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size() - 3);
-  Run r = run("validate " + p("cut.safetensors"), dir);
+  Result r = run("validate " + p("cut.safetensors"), dir);
   EXPECT_EQ(r.status, 4);
   EXPECT_NE(r.err.find("cut.safetensors"), std::string::npos) << r.err;
-  Run j = run("validate --json " + p("cut.safetensors"), dir);
+  Result j = run("validate --json " + p("cut.safetensors"), dir);
   EXPECT_EQ(j.status, 4);
   EXPECT_EQ(nlohmann::json::parse(j.out)["valid"], false);
   EXPECT_EQ(run("validate " + p("nonexistent.safetensors"), dir).status, 3);
@@ -92,7 +92,7 @@ TEST_F(Cli, DiffApplyRoundTripAndNegation) {
   ASSERT_EQ(run("diff -q " + p("pre.safetensors") + " " + p("a.safetensors") + " -o " + p("tau_a.safetensors"), dir).status, 0);
   EXPECT_EQ(test::read_dtype(dir / "tau_a.safetensors", "enc.w"), DType::kF32);
   EXPECT_EQ(read_values(dir / "tau_a.safetensors", "enc.w"), (std::vector<double>{1, 0, 0, 0}));
-  Run r = run("apply " + p("pre.safetensors") + " -t " + p("tau_a.safetensors") + ":1 -o " + p("back.safetensors"), dir);
+  Result r = run("apply " + p("pre.safetensors") + " -t " + p("tau_a.safetensors") + ":1 -o " + p("back.safetensors"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   for (const char* name : {"enc.w", "head.w", "pos"}) {
     EXPECT_EQ(read_tensor_bytes(dir / "back.safetensors", name), read_tensor_bytes(dir / "a.safetensors", name)) << name;
@@ -102,17 +102,17 @@ TEST_F(Cli, DiffApplyRoundTripAndNegation) {
   EXPECT_EQ(read_values(dir / "neg.safetensors", "enc.w"), (std::vector<double>{0.5, 2, 3, 4}));
   EXPECT_EQ(read_values(dir / "neg.safetensors", "head.w"), (std::vector<double>{0, 1}));
   EXPECT_EQ(test::read_dtype(dir / "neg.safetensors", "enc.w"), DType::kBF16);
-  Run bad = run("apply " + p("pre.safetensors") + " -t " + p("tau_a.safetensors") + ":x -o " + p("x.safetensors"), dir);
+  Result bad = run("apply " + p("pre.safetensors") + " -t " + p("tau_a.safetensors") + ":x -o " + p("x.safetensors"), dir);
   EXPECT_EQ(bad.status, 2);
 }
 
 TEST_F(Cli, EditExpressionsAndErrors) {
   std::string models = " -m pre=" + p("pre.safetensors") + " -m a=" + p("a.safetensors") + " -m b=" + p("b.safetensors");
-  Run r = run("edit -q" + models + " 'pre + tau(a) + tau(b)' --exclude '^head' -o " + p("sum.safetensors"), dir);
+  Result r = run("edit -q" + models + " 'pre + tau(a) + tau(b)' --exclude '^head' -o " + p("sum.safetensors"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(read_values(dir / "sum.safetensors", "enc.w"), (std::vector<double>{2, 4, 3, 4}));
   EXPECT_EQ(read_values(dir / "sum.safetensors", "head.w"), (std::vector<double>{1, 1}));
-  Run nonlinear = run("edit" + models + " 'pre + a*b' -o " + p("x.safetensors"), dir);
+  Result nonlinear = run("edit" + models + " 'pre + a*b' -o " + p("x.safetensors"), dir);
   EXPECT_EQ(nonlinear.status, 2);
   EXPECT_NE(nonlinear.err.find("not linear"), std::string::npos) << nonlinear.err;
   EXPECT_FALSE(std::filesystem::exists(dir / "x.safetensors"));
@@ -121,13 +121,13 @@ TEST_F(Cli, EditExpressionsAndErrors) {
   EXPECT_EQ(run("edit -q --force" + models + " 'pre' -o " + p("sum.safetensors"), dir).status, 0);
   // a model with a tensor missing: 5, naming the tensor
   write_model(dir / "short.safetensors", {{"enc.w", DType::kBF16, {2, 2}, {1, 2, 3, 4}}});
-  Run missing = run("edit" + models + " -m s=" + p("short.safetensors") + " 'pre + tau(s)' -o " + p("y.safetensors"), dir);
+  Result missing = run("edit" + models + " -m s=" + p("short.safetensors") + " 'pre + tau(s)' -o " + p("y.safetensors"), dir);
   EXPECT_EQ(missing.status, 5);
   EXPECT_NE(missing.err.find("head.w"), std::string::npos) << missing.err;
 }
 
 TEST_F(Cli, DryRunJsonPlanWritesNothing) {
-  Run r = run("--json diff --dry-run " + p("pre.safetensors") + " " + p("a.safetensors") + " -o " + p("tau"), dir);
+  Result r = run("--json diff --dry-run " + p("pre.safetensors") + " " + p("a.safetensors") + " -o " + p("tau"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["dry_run"], true);
@@ -138,7 +138,7 @@ TEST_F(Cli, DryRunJsonPlanWritesNothing) {
 }
 
 TEST_F(Cli, ShardedFolderOutputReadsBack) {
-  Run r = run("edit -q -m pre=" + p("pre.safetensors") + " -m a=" + p("a.safetensors") +
+  Result r = run("edit -q -m pre=" + p("pre.safetensors") + " -m a=" + p("a.safetensors") +
                   " 'pre + 2*tau(a)' --max-shard-size 10 -o " + p("out"),
               dir);
   ASSERT_EQ(r.status, 0) << r.err;
@@ -148,7 +148,7 @@ TEST_F(Cli, ShardedFolderOutputReadsBack) {
 }
 
 TEST_F(Cli, SimilarityJson) {
-  Run r = run("similarity --json --base " + p("pre.safetensors") + " a=" + p("a.safetensors") + " b=" + p("b.safetensors"), dir);
+  Result r = run("similarity --json --base " + p("pre.safetensors") + " a=" + p("a.safetensors") + " b=" + p("b.safetensors"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   // tau_a = [1,0,0,0 | 2,0], tau_b = [0,2,0,0 | 0,0]: orthogonal; norms sqrt(5) and 2

@@ -36,7 +36,9 @@ void add_apply_command(CLI::App& app, const GlobalFlags& global, Action& action)
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("pretrained", args->pretrained, "Pretrained checkpoint")->required();
-  cmd->add_option("-t,--task-vector", args->terms, "TAU[:LAMBDA] (lambda defaults to 1); repeat for addition")->required();
+  cmd->add_option("-t,--task-vector", args->terms, "TAU[:LAMBDA] (lambda defaults to 1); repeat for addition")
+      ->required()
+      ->allow_extra_args(false);
   cmd->add_option("-o,--output", args->output, "Output .safetensors file or folder")->required();
   add_edit_flags(*cmd, args->flags);
   cmd->callback([&global, &action, args] {

@@ -15,7 +15,9 @@ void add_edit_command(CLI::App& app, const GlobalFlags& global, Action& action) 
     EditFlags flags;
   };
   auto args = std::make_shared<Args>();
-  cmd->add_option("-m,--model", args->models, "NAME=PATH of a checkpoint; repeat for each model")->required();
+  cmd->add_option("-m,--model", args->models, "NAME=PATH of a checkpoint; repeat for each model")
+      ->required()
+      ->allow_extra_args(false);
   cmd->add_option("--pretrained", args->pretrained, "Name of the pretrained model, the base of tau() (default: pre)");
   cmd->add_option("expression", args->expression, "Expression with + - * /, numbers, parentheses, NAME and tau(NAME)")->required();
   cmd->add_option("-o,--output", args->output, "Output .safetensors file or folder")->required();
