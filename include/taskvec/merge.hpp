@@ -1,0 +1,252 @@
+// taskvec: merge methods beyond task arithmetic (TIES, DARE, Breadcrumbs, DELLA, Model Stock, SLERP,
+// magnitude pruning, TALL/Consensus, TSV-Merge, Iso-C), their registry, YAML recipes and the driver.
+//
+// Every method is a pure function on f32 spans for ONE tensor: base + N fine-tuned models -> one
+// output span. No I/O, no global state, no dependence on thread count. Randomness (DARE, DELLA) comes
+// from a counter-based generator keyed by (seed, tensor name, model index) and the element index.
+// shared/reference/METHODS-SPEC.md has the formulas; docs/METHODS.md what taskvec does and why.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <regex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "taskvec/dtype.hpp"
+#include "taskvec/engine.hpp"
+
+namespace taskvec {
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+/// Per-model parameters of a merge, resolved for one tensor. Unused ones are ignored by a method.
+struct MergeModelParams {
+  float weight = 1.0f;       ///< scale of this model's task vector (or of the model, for linear)
+  float density = 1.0f;      ///< fraction kept, (0, 1]
+  float gamma = 0.01f;       ///< breadcrumbs: fraction of largest magnitudes removed, [0, 1)
+  float epsilon = 0.0f;      ///< della: keep probabilities span [density - eps, density + eps]
+  float tall_lambda = 0.4f;  ///< consensus: TALL mask threshold lambda_t, >= 0
+};
+
+/// Global parameters of a merge, resolved for one tensor.
+struct MergeGlobalParams {
+  float lambda = 1.0f;         ///< scale of the merged task vector (alpha in TSV / Iso-C)
+  bool normalize = false;      ///< divide the weighted sum by the sum of weights (linear, *_linear, ...)
+  bool rescale = true;         ///< DARE / DELLA / magnitude_prune: divide survivors by keep probability
+  bool disjoint_sum = false;   ///< TIES-family disjoint merge: false = mean (paper), true = sum
+  bool trim_model = false;     ///< ties: trim against a whole-model threshold (MergeTensor::trim_thresholds)
+  float t = 0.5f;              ///< slerp interpolation factor, [0, 1]
+  int k = 2;                   ///< consensus: minimum number of agreeing TALL masks
+  std::uint64_t seed = 0;      ///< DARE / DELLA random masks
+};
+
+/// One tensor to merge. All spans have `element_count()` elements and outlive the call.
+struct MergeTensor {
+  std::string_view name;                             ///< tensor name (seeds the random masks)
+  std::span<const std::uint64_t> shape;              ///< row-major; empty = scalar
+  std::span<const float> base;                       ///< pretrained weights; empty for linear / slerp
+  std::span<const std::span<const float>> models;    ///< fine-tuned weights, one span per model
+  std::span<const MergeModelParams> model_params;    ///< one per model
+  MergeGlobalParams global;
+  /// ties with global.trim_model: per model, keep entries with |tau| >= threshold (see
+  /// MagnitudeThreshold). Empty otherwise.
+  std::span<const float> trim_thresholds;
+  /// Element-wise methods (MergeMethod::elementwise) may be called on a chunk of a tensor: shape is then
+  /// {chunk length} and first_index the chunk's first element in the whole tensor (seeds DARE's masks).
+  std::uint64_t first_index = 0;
+  std::size_t element_count() const noexcept;
+};
+
+/// A kernel writes the merged tensor into `out` (element_count() floats). Throws Error{kInvalidArgument}
+/// for inconsistent inputs (span sizes, model count outside the method's range, missing base).
+using MergeKernel = void (*)(const MergeTensor& in, std::span<float> out);
+
+/// sum_i w_i theta_i (/ sum_i w_i with normalize). Model soup / weighted average.
+void merge_linear(const MergeTensor& in, std::span<float> out);
+/// base + lambda * sum_i w_i tau_i (/ sum w with normalize). Ilharco et al. 2023.
+void merge_task_arithmetic(const MergeTensor& in, std::span<float> out);
+/// TIES (Yadav et al. 2023): trim each tau_i to its top round(density*N) magnitudes (ties broken by
+/// lower index), elect sign of sum w_i tau_i (zero -> majority sign of the tensor), disjoint mean
+/// (divide by sum of |w_i| over agreeing survivors) or sum; base + lambda * result.
+void merge_ties(const MergeTensor& in, std::span<float> out);
+/// DARE (Yu et al. 2024): keep each entry with probability density (counter-based RNG), divide by
+/// density when rescale; then task arithmetic.
+void merge_dare_linear(const MergeTensor& in, std::span<float> out);
+/// DARE masks, then TIES sign election and disjoint merge (no trim).
+void merge_dare_ties(const MergeTensor& in, std::span<float> out);
+/// Model Breadcrumbs (Davari & Belilovsky 2024): per tau_i drop the round(gamma*N) largest
+/// magnitudes and keep the next round(density*N); then task arithmetic (no rescale).
+void merge_breadcrumbs(const MergeTensor& in, std::span<float> out);
+/// Breadcrumbs masks, then TIES sign election and disjoint merge.
+void merge_breadcrumbs_ties(const MergeTensor& in, std::span<float> out);
+/// DELLA (Deep et al. 2024): per row (last dimension) keep probability rises linearly with magnitude
+/// rank in [density - eps, density + eps]; survivors / p when rescale; TIES election + disjoint merge.
+void merge_della(const MergeTensor& in, std::span<float> out);
+/// Model Stock (Jang et al. 2024): t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the
+/// task vectors (clamped to [0, 1]); out = t * mean(theta_i) + (1 - t) * base.
+void merge_model_stock(const MergeTensor& in, std::span<float> out);
+/// SLERP between models[0] (t = 0) and models[1] (t = 1) on the flattened tensor; linear
+/// interpolation when the directions are near-parallel (|cos| > 0.9995) or a norm is zero.
+void merge_slerp(const MergeTensor& in, std::span<float> out);
+/// Magnitude pruning: keep the top round(density*N) magnitudes of each tau_i (/ density with
+/// rescale), then task arithmetic.
+void merge_magnitude_prune(const MergeTensor& in, std::span<float> out);
+/// Consensus merging (Wang et al. 2024): tau_MTL = sum w_i tau_i; TALL masks
+/// m_i = |w_i tau_i| > lambda_i |tau_MTL - w_i tau_i|; keep where sum_i m_i >= k; base + lambda m*tau_MTL.
+void merge_consensus(const MergeTensor& in, std::span<float> out);
+/// TSV-Merge (Gargiulo et al. 2025), 2-D tensors: rank floor(min(m,n)/N) (>= 1) SVD of each w_i tau_i,
+/// concatenated singular vectors orthogonalised by their polar factor, reassembled; base + lambda*Delta.
+/// Other tensors: base + lambda * mean_i(w_i tau_i).
+void merge_tsv(const MergeTensor& in, std::span<float> out);
+/// Iso-C (Marczak et al. 2025), 2-D tensors: Delta = sum w_i tau_i = U S V^T, out = base + lambda *
+/// mean(S) U V^T. Other tensors: base + lambda * mean_i(w_i tau_i).
+void merge_iso_c(const MergeTensor& in, std::span<float> out);
+
+// ---- building blocks, public for tests and for chunked drivers ----
+
+/// Key of the counter-based generator for one (seed, tensor, model): splitmix64 of the seed mixed with
+/// FNV-1a of the name and the model index.
+std::uint64_t merge_rng_key(std::uint64_t seed, std::string_view tensor_name, std::size_t model_index) noexcept;
+/// A uniform double in [0, 1) for element `index` of the stream `key` (splitmix64 at position index).
+double merge_rng_uniform(std::uint64_t key, std::uint64_t index) noexcept;
+/// DARE on a chunk: tau[j] (element first_index + j of its tensor) is kept iff
+/// merge_rng_uniform(key, first_index + j) < density, scaled by 1/density when rescale; else 0.
+/// The result does not depend on how a tensor is split into chunks.
+void dare_drop(std::span<float> tau, std::uint64_t key, std::uint64_t first_index, float density, bool rescale) noexcept;
+/// Number of entries kept for a fraction of n: floor(fraction * n + 0.5), clamped to [0, n].
+std::uint64_t merge_keep_count(double fraction, std::uint64_t n) noexcept;
+
+/// Exact k-th largest magnitude across many tensors in bounded memory (the "whole model" trim of the
+/// official TIES code): a two-pass radix select on the f32 bit patterns. Feed every span with add()
+/// in pass 1, call next_pass(), feed the same values again, then threshold(). Order does not matter.
+class MagnitudeThreshold {
+ public:
+  /// Keep fraction `density` of all values seen (k = merge_keep_count(density, total)).
+  explicit MagnitudeThreshold(double density);
+  void add(std::span<const float> values);
+  /// Ends a pass. Returns true when another pass over the same values is needed.
+  bool next_pass();
+  /// The k-th largest |value|: keeping |v| >= threshold keeps at least k values (all ties at the
+  /// threshold, as the official code). +Inf when k == 0 (nothing kept).
+  float threshold() const;
+
+ private:
+  double density_;
+  int pass_ = 0;
+  std::uint64_t total_ = 0, k_ = 0, above_ = 0;
+  std::uint32_t high_ = 0;
+  std::vector<std::uint64_t> hist_;
+  float threshold_ = 0;
+  bool done_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+enum class MergeParamType { kFloat, kInt, kBool, kChoice };
+enum class MergeParamScope { kModel, kGlobal };
+
+/// One parameter a method accepts. Values are carried as double (bool: 0/1; choice: index).
+struct MergeParamSpec {
+  std::string_view name;
+  MergeParamType type = MergeParamType::kFloat;
+  MergeParamScope scope = MergeParamScope::kGlobal;
+  double default_value = 0;
+  double min = -1e30, max = 1e30;  ///< valid range (float/int)
+  bool min_open = false, max_open = false;
+  std::vector<std::string_view> choices;  ///< kChoice spellings
+  std::string_view help;
+};
+
+/// A method: its kernel and what it accepts.
+struct MergeMethod {
+  std::string_view name;
+  MergeKernel kernel = nullptr;
+  std::vector<MergeParamSpec> params;
+  bool needs_base = true;          ///< else base_model is optional (linear, slerp)
+  std::size_t min_models = 1, max_models = 1u << 20;
+  std::string_view summary;
+  bool elementwise = false;        ///< output element i depends only on input element i: may run chunked
+  const MergeParamSpec* find_param(std::string_view name) const noexcept;
+};
+
+/// Every method, in documentation order.
+const std::vector<MergeMethod>& merge_methods();
+/// The method named `name`, or nullptr.
+const MergeMethod* find_merge_method(std::string_view name) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// Recipes
+// ---------------------------------------------------------------------------------------------
+
+/// A recipe parameter value: a scalar, a list interpolated linearly over the layer index, or a list of
+/// {filter: REGEX, value: V} (first match by std::regex_search on the tensor name wins; an entry
+/// without filter matches every tensor). A value inside a filter entry is a scalar or a layer list.
+struct RecipeValue {
+  enum class Kind { kScalar, kLayers, kFilters };
+  struct FilterEntry {
+    std::optional<std::string> pattern;
+    std::regex regex;
+    std::vector<double> values;  ///< one value = scalar; more = layer list
+  };
+  Kind kind = Kind::kScalar;
+  std::vector<double> values;          ///< kScalar (1) / kLayers (>= 1)
+  std::vector<FilterEntry> filters;    ///< kFilters
+  /// The value for a tensor. `layer` < 0 = no layer index (first value of a list).
+  double resolve(const std::string& tensor_name, int layer, int num_layers) const;
+};
+
+struct RecipeModel {
+  std::filesystem::path path;                   ///< resolved against the recipe's folder
+  std::map<std::string, RecipeValue> params;    ///< model-scope parameters given for this model
+};
+
+/// A parsed, validated merge recipe.
+struct Recipe {
+  std::filesystem::path file;                   ///< the recipe file ("<string>" when parsed from text)
+  const MergeMethod* method = nullptr;
+  std::optional<std::filesystem::path> base_model;
+  std::vector<RecipeModel> models;
+  std::map<std::string, RecipeValue> params;    ///< global `parameters:` (also defaults of model-scope ones)
+  std::optional<DType> dtype;                   ///< compute dtype as written (taskvec computes in f32)
+  std::optional<DType> out_dtype;
+  std::uint64_t seed = 0;
+
+  /// Parameters for one tensor, checked (cross-parameter ranges; normalize with zero weight sum).
+  /// Throws Error{kRecipe} naming the tensor, the key and the recipe file.
+  void resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
+               MergeGlobalParams& global) const;
+};
+
+/// Parses YAML text. `file` names the recipe in messages and anchors relative model paths.
+/// Throws Error{kRecipe} with the key, the file and the line.
+Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& file = "<string>");
+/// Reads and parses a recipe file (Error{kIo} when unreadable).
+Recipe load_recipe(const std::filesystem::path& file);
+
+/// The layer index of a tensor name: the number after "layers.", "layer.", "h.", "blocks.", "block."
+/// (as a whole dotted component, first occurrence), e.g. "model.layers.12.mlp.w" -> 12; -1 when none.
+int merge_layer_index(std::string_view tensor_name);
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a recipe over checkpoints: opens base and models, checks every model has the base's tensors
+/// with equal shapes (kTensorMissing / kShapeMismatch), resolves every tensor's parameters and the
+/// memory budget ((models + 2) x elements x 4 bytes per tensor in flight, kTensorTooLarge) before any
+/// byte is written, then merges float tensors over options.threads workers at precomputed offsets
+/// (output bytes independent of the thread count). Non-float / unselected tensors are copied from the
+/// base (or the first model when the method has no base). Out dtype: options.out_dtype, else the
+/// recipe's out_dtype, else dtype, else the base tensor's.
+EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& output, const EditOptions& options);
+
+}  // namespace taskvec

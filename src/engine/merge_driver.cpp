@@ -1,0 +1,396 @@
+// The merge driver: recipe + checkpoints -> merged checkpoint. Everything that can fail on the inputs
+// (missing tensors, shapes, recipe values per tensor, memory budget) is checked before the writer
+// exists; then whole tensors are merged on worker threads and written at precomputed offsets.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <regex>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "engine/internal.hpp"
+#include "engine/parallel.hpp"
+#include "merge_internal.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+namespace {
+
+std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+std::optional<std::regex> compile(const std::string& pattern, const char* flag) {
+  if (pattern.empty()) return std::nullopt;
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
+  }
+}
+
+struct MergeJob {
+  const CheckpointTensor* ref = nullptr;             // layout reference (base, or first model)
+  const CheckpointTensor* base = nullptr;            // kernel base, null when the method takes none
+  std::vector<const CheckpointTensor*> models;       // kernel models (endpoints for slerp)
+  DType out = DType::kF32;
+  enum class Kind { kCopy, kConvert, kMerge } kind = Kind::kCopy;
+  std::vector<MergeModelParams> model_params;
+  MergeGlobalParams global;
+  std::uint64_t elements = 0;
+  std::uint64_t per_element = 0;   // bytes in flight per element
+  std::uint64_t need_bytes = 0;    // per_element x elements (whole-tensor jobs)
+  bool chunked = false;            // element-wise method or plain conversion: runs in chunks
+  std::size_t shard = 0, index = 0;
+};
+
+struct WorkItem {
+  std::size_t job;
+  std::uint64_t begin, count;  // elements (whole tensor for copies)
+};
+
+// Bytes-in-flight gate: a tensor waits until its decoded inputs fit in the budget beside the others
+// (one tensor alone always runs: the planner already refused tensors larger than the budget).
+class BudgetGate {
+ public:
+  explicit BudgetGate(std::uint64_t budget) : budget_(budget) {}
+  void acquire(std::uint64_t bytes) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return in_flight_ == 0 || in_flight_ + bytes <= budget_; });
+    in_flight_ += bytes;
+    peak_ = std::max(peak_, in_flight_);
+  }
+  void release(std::uint64_t bytes) {
+    {
+      std::lock_guard lock(mutex_);
+      in_flight_ -= bytes;
+    }
+    cv_.notify_all();
+  }
+  std::uint64_t peak() const { return peak_; }
+
+ private:
+  std::uint64_t budget_, in_flight_ = 0, peak_ = 0;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+[[noreturn]] void nonfinite(const std::string& tensor, const std::string& file, std::uint64_t i, float v) {
+  throw Error(ErrorCode::kNonFinite, fmt::format("tensor '{}' in {}: element {} is {} (use --allow-nonfinite to proceed)",
+                                                 tensor, file, i, std::isnan(v) ? "NaN" : "Inf"));
+}
+
+void check_finite(const std::vector<float>& v, const std::string& tensor, const std::string& file, std::uint64_t first) {
+  bool ok = true;
+  for (float x : v) ok &= (x - x == 0.0f);  // false for NaN and Inf; branch-free so it vectorizes
+  if (ok) return;
+  for (std::uint64_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(v[i])) nonfinite(tensor, file, first + i, v[i]);
+}
+
+// Releases the mapped pages of a consumed tensor so resident memory stays bounded (the page cache keeps them).
+void release(const CheckpointTensor& t) {
+  t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info), t.info->num_bytes());
+}
+
+std::vector<float> decode_range(const CheckpointTensor& t, std::uint64_t begin, std::uint64_t count) {
+  std::vector<float> v(count);
+  const std::uint64_t size = dtype_bits(t.info->dtype) / 8;
+  decode_to_f32(t.info->dtype, t.bytes().data() + begin * size, v.data(), count);
+  t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info) + begin * size, count * size);
+  return v;
+}
+
+std::vector<float> decode_all(const CheckpointTensor& t) { return decode_range(t, 0, t.info->num_elements()); }
+
+bool is_svd_method(const MergeMethod& m) { return m.name == "tsv_merge" || m.name == "iso_c"; }
+
+}  // namespace
+
+EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& output, const EditOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (recipe.method == nullptr) throw Error(ErrorCode::kInternal, "merge_checkpoints: recipe without a method");
+  const MergeMethod& method = *recipe.method;
+  if (options.out_dtype && !dtype_is_writable_float(*options.out_dtype))
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("--dtype {} is not a float dtype taskvec can write",
+                                                         dtype_name(*options.out_dtype)));
+  const auto include = compile(options.include, "--include");
+  const auto exclude = compile(options.exclude, "--exclude");
+
+  // ---- open inputs ----
+  std::optional<Checkpoint> base;
+  if (recipe.base_model) base.emplace(Checkpoint::open(*recipe.base_model));
+  std::vector<Checkpoint> models;
+  for (const auto& m : recipe.models) models.push_back(Checkpoint::open(m.path));
+  // Tied word embeddings against untied heads: refuse, or untie (reconcile_tied_embeddings).
+  bool untied_ref = false;
+  std::vector<std::string> tie_warnings;
+  {
+    std::vector<const Checkpoint*> all;
+    if (base) all.push_back(&*base);
+    for (const auto& m : models) all.push_back(&m);
+    ReconciledInputs reconciled = reconcile_tied_embeddings(all, options.untie_embeddings);
+    std::size_t k = 0;
+    if (base) base.emplace(std::move(reconciled.inputs[k++]));
+    for (auto& m : models) m = std::move(reconciled.inputs[k++]);
+    untied_ref = reconciled.untied_base;
+    tie_warnings = std::move(reconciled.warnings);
+  }
+  const Checkpoint& ref = base ? *base : models.front();
+  const bool slerp_from_base = method.name == "slerp" && base && models.size() == 1;
+
+  EditReport report;
+  report.warnings = tie_warnings;
+  // Every model must have the reference's tensors, with the same shapes.
+  std::vector<const Checkpoint*> others;
+  for (const auto& m : models) others.push_back(&m);
+  for (const Checkpoint* other : others) {
+    for (const auto& name : ref.tensor_names()) {
+      const CheckpointTensor* r = ref.find(name);
+      const CheckpointTensor* t = other->find(name);
+      if (!t)
+        throw Error(ErrorCode::kTensorMissing, fmt::format("tensor '{}' of {} is missing from {}", name,
+                                                           ref.path().string(), other->path().string()));
+      if (t->info->shape != r->info->shape)
+        throw Error(ErrorCode::kShapeMismatch, fmt::format("tensor '{}': shape {} in {} but {} in {}", name,
+                                                           shape_text(r->info->shape), ref.path().string(),
+                                                           shape_text(t->info->shape), other->path().string()));
+      if (dtype_is_editable(r->info->dtype) && !dtype_is_editable(t->info->dtype))
+        throw Error(ErrorCode::kDtypeMismatch, fmt::format("tensor '{}': dtype {} in {} cannot be merged with {} in {}", name,
+                                                           dtype_name(r->info->dtype), ref.path().string(),
+                                                           dtype_name(t->info->dtype), other->path().string()));
+    }
+    for (const auto& name : other->tensor_names())
+      if (!ref.find(name))
+        report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: left out", name, other->path().string(),
+                                              ref.path().string()));
+  }
+
+  int num_layers = 1;
+  for (const auto& name : ref.tensor_names()) num_layers = std::max(num_layers, merge_layer_index(name) + 1);
+  std::optional<DType> out_dtype = options.out_dtype;
+  if (!out_dtype) out_dtype = recipe.out_dtype ? recipe.out_dtype : recipe.dtype;
+
+  // ---- plan every tensor (recipe values and budget checked here, before any byte is written) ----
+  std::vector<MergeJob> jobs;
+  jobs.reserve(ref.tensor_names().size());
+  for (const auto& name : ref.tensor_names()) {
+    MergeJob job;
+    job.ref = ref.find(name);
+    const TensorInfo& info = *job.ref->info;
+    job.elements = info.num_elements();
+    const bool editable = dtype_is_editable(info.dtype);
+    const bool chosen = (!include || std::regex_search(name, *include)) && !(exclude && std::regex_search(name, *exclude));
+    job.out = editable && out_dtype ? *out_dtype : info.dtype;
+    if (!editable || !chosen) {
+      job.kind = job.out == info.dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;
+      ++report.tensors_copied;
+      job.chunked = true;
+      job.per_element = job.kind == MergeJob::Kind::kConvert ? 16 : 0;
+    } else {
+      job.kind = MergeJob::Kind::kMerge;
+      ++report.tensors_edited;
+      if (method.needs_base) job.base = base->find(name);
+      if (slerp_from_base) job.models.push_back(base->find(name));
+      for (const auto& m : models) job.models.push_back(m.find(name));
+      recipe.resolve(name, num_layers, job.model_params, job.global);
+      if (slerp_from_base) job.model_params.insert(job.model_params.begin(), MergeModelParams{});
+      // decoded inputs + result (f32), one delta buffer, sign and count lanes (TIES), encoded output (<= 8 B)
+      std::uint64_t per_element = 4 * (job.models.size() + 2) + 24;
+      if (is_svd_method(method)) per_element += 8 * 6;  // f64 SVD workspaces
+      if (method.name == "della") per_element += 4 * job.models.size() + 8;
+      job.per_element = per_element;
+      job.chunked = method.elementwise;
+      job.need_bytes = per_element * job.elements;
+      if (!job.chunked && job.need_bytes > options.memory_budget)
+        throw Error(ErrorCode::kTensorTooLarge,
+                    fmt::format("tensor '{}' ({} elements) needs {} bytes to merge with {} (whole-tensor method), more than "
+                                "the memory budget of {} bytes; raise --memory-budget to at least {}",
+                                name, job.elements, job.need_bytes, method.name, options.memory_budget, job.need_bytes));
+    }
+    jobs.push_back(std::move(job));
+  }
+
+  // ---- whole-model TIES trim: per model, the k-th largest |tau| over every merged tensor ----
+  std::vector<float> trim_thresholds;
+  const bool trim_model = std::any_of(jobs.begin(), jobs.end(), [](const MergeJob& j) {
+    return j.kind == MergeJob::Kind::kMerge && j.global.trim_model;
+  });
+  if (trim_model) {
+    std::vector<double> densities(models.size(), -1.0);
+    for (std::size_t m = 0; m < models.size(); ++m) {
+      for (const auto& j : jobs) {
+        if (j.kind != MergeJob::Kind::kMerge || !j.global.trim_model) continue;
+        if (densities[m] < 0) densities[m] = j.model_params[m].density;
+        if (j.model_params[m].density != static_cast<float>(densities[m]))
+          throw Error(ErrorCode::kRecipe, fmt::format("{}: 'trim: model' needs one density per model, but models[{}] has "
+                                                      "different densities for different tensors", recipe.file.string(), m));
+      }
+    }
+    for (std::size_t m = 0; m < models.size() && !options.dry_run; ++m) {
+      MagnitudeThreshold threshold(densities[m]);
+      std::vector<float> b, x;
+      do {
+        for (const auto& j : jobs) {
+          if (j.kind != MergeJob::Kind::kMerge || !j.global.trim_model) continue;
+          b = decode_all(*j.base);
+          x = decode_all(*j.models[m]);
+          for (std::size_t i = 0; i < x.size(); ++i) x[i] -= b[i];
+          threshold.add(x);
+        }
+      } while (threshold.next_pass());
+      trim_thresholds.push_back(threshold.threshold());
+    }
+  }
+
+  // ---- output plan ----
+  std::vector<TensorSpec> specs;
+  for (const auto& j : jobs) specs.push_back({j.ref->info->name, j.out, j.ref->info->shape});
+  auto metadata = ref.metadata();
+  metadata.erase(kMetaKind);
+  metadata.erase(kMetaPretrainedFingerprint);
+  metadata["taskvec.merge_method"] = std::string(method.name);
+  for (const auto& [k, v] : options.extra_metadata) metadata[k] = v;
+  report.plan = CheckpointPlan::build(output, std::move(specs), metadata, options.write);
+  for (auto& j : jobs) std::tie(j.shard, j.index) = report.plan.location.at(j.ref->info->name);
+  const unsigned threads = detail::resolve_threads(options.threads);
+  // Work items: whole tensors, or chunks sized so that every worker's chunk fits the budget at once.
+  std::vector<WorkItem> items;
+  std::uint64_t planned_peak = 0;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const MergeJob& job = jobs[j];
+    if (job.kind == MergeJob::Kind::kCopy || !job.chunked || job.elements == 0) {
+      items.push_back({j, 0, job.elements});
+      planned_peak = std::max(planned_peak, job.need_bytes);
+      continue;
+    }
+    const std::uint64_t chunk =
+        std::clamp<std::uint64_t>(options.memory_budget / (std::uint64_t(threads) * job.per_element), 4096, 1u << 24);
+    for (std::uint64_t b = 0; b < job.elements; b += chunk) items.push_back({j, b, std::min(chunk, job.elements - b)});
+    planned_peak = std::max(planned_peak, std::min(job.elements, chunk) * job.per_element * threads);
+  }
+  if (options.dry_run) {
+    report.peak_chunk_bytes = planned_peak;
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return report;
+  }
+
+  std::vector<std::filesystem::path> inputs;
+  if (base)
+    for (const auto& s : base->shards()) inputs.push_back(s->path());
+  for (const auto& m : models)
+    for (const auto& s : m.shards()) inputs.push_back(s->path());
+  CheckpointWriter writer(report.plan, options.write, inputs);
+
+  // Largest items first so the last worker does not start a big one alone; the order changes
+  // nothing in the output (every tensor has its own precomputed offset, every chunk its own range).
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.count > b.count; });
+  std::vector<std::atomic<std::uint64_t>> chunks_left(jobs.size());
+  for (const auto& item : items) ++chunks_left[item.job];
+
+  BudgetGate gate(options.memory_budget);
+  std::atomic<std::uint64_t> bytes_read{0}, bytes_written{0}, tensors_done{0};
+  const auto stream_start = std::chrono::steady_clock::now();
+  auto progress = [&] {
+    if (!options.on_progress) return;
+    Progress p;
+    p.tensors_done = tensors_done.load();
+    p.tensors_total = jobs.size();
+    p.bytes_done = bytes_written.load();
+    p.bytes_total = report.plan.total_bytes;
+    p.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - stream_start).count();
+    options.on_progress(p);
+  };
+
+  detail::parallel_for(
+      items.size(), threads,
+      [&](std::size_t k, unsigned) {
+        const WorkItem& item = items[k];
+        const MergeJob& job = jobs[item.job];
+        const std::string& name = job.ref->info->name;
+        auto finish = [&] {
+          if (chunks_left[item.job].fetch_sub(1) == 1) ++tensors_done;
+        };
+        if (job.kind == MergeJob::Kind::kCopy) {
+          writer.write(job.shard, job.index, 0, job.ref->bytes());
+          release(*job.ref);
+          bytes_read += job.ref->bytes().size();
+          bytes_written += job.ref->bytes().size();
+          finish();
+          return;
+        }
+        const std::uint64_t need = job.per_element * item.count;
+        gate.acquire(need);
+        struct Release {
+          BudgetGate& g;
+          std::uint64_t n;
+          ~Release() { g.release(n); }
+        } guard{gate, need};
+        std::vector<float> result;
+        if (job.kind == MergeJob::Kind::kConvert) {
+          result = decode_range(*job.ref, item.begin, item.count);
+          bytes_read += item.count * (dtype_bits(job.ref->info->dtype) / 8);
+        } else {
+          std::vector<float> base_values;
+          if (job.base) {
+            base_values = decode_range(*job.base, item.begin, item.count);
+            bytes_read += item.count * (dtype_bits(job.base->info->dtype) / 8);
+            if (!options.allow_nonfinite) check_finite(base_values, name, job.base->shard->path().string(), item.begin);
+          }
+          std::vector<std::vector<float>> model_values;
+          for (const auto* t : job.models) {
+            model_values.push_back(decode_range(*t, item.begin, item.count));
+            bytes_read += item.count * (dtype_bits(t->info->dtype) / 8);
+            if (!options.allow_nonfinite) check_finite(model_values.back(), name, t->shard->path().string(), item.begin);
+          }
+          std::vector<std::span<const float>> spans(model_values.begin(), model_values.end());
+          const std::vector<std::uint64_t> chunk_shape{item.count};
+          MergeTensor in;
+          in.name = name;
+          in.shape = job.chunked ? std::span<const std::uint64_t>(chunk_shape) : std::span<const std::uint64_t>(job.ref->info->shape);
+          in.first_index = item.begin;
+          in.base = base_values;
+          in.models = spans;
+          in.model_params = job.model_params;
+          in.global = job.global;
+          if (job.global.trim_model) in.trim_thresholds = trim_thresholds;
+          result.resize(item.count);
+          method.kernel(in, result);
+          if (!options.allow_nonfinite) {
+            bool ok = true;
+            for (float x : result) ok &= (x - x == 0.0f);
+            if (!ok)
+              for (std::uint64_t i = 0; i < result.size(); ++i)
+                if (!std::isfinite(result[i]))
+                  throw Error(ErrorCode::kNonFinite,
+                              fmt::format("tensor '{}': the merged value of element {} is not finite (parameters too "
+                                          "large?); use --allow-nonfinite to proceed",
+                                          name, item.begin + i));
+          }
+        }
+        const std::uint64_t osize = dtype_bits(job.out) / 8;
+        std::vector<std::byte> bytes(item.count * osize);
+        encode_from_f32(job.out, result.data(), bytes.data(), result.size());
+        writer.write(job.shard, job.index, item.begin * osize, bytes);
+        bytes_written += bytes.size();
+        finish();
+      },
+      progress);
+  progress();
+  if (report.plan.is_folder && ref.folder()) {
+    detail::ScratchFolder scratch;
+    writer.commit(detail::output_auxiliary_files(ref, untied_ref, scratch.path));
+  } else {
+    writer.commit();
+  }
+  report.bytes_read = bytes_read.load();
+  report.bytes_written = bytes_written.load();
+  report.peak_chunk_bytes = gate.peak();
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace taskvec

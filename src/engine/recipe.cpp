@@ -1,0 +1,393 @@
+// YAML merge recipes (in the spirit of mergekit's): parsing, validation against the method registry,
+// and per-tensor resolution of scalar / layer-interpolated / filtered parameters. docs/METHODS.md.
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "merge_internal.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+
+namespace {
+
+struct Ctx {
+  std::string file;
+  [[noreturn]] void fail(const YAML::Node& node, const std::string& key, const std::string& what) const {
+    std::string where = file;
+    if (node.IsDefined() && node.Mark().line >= 0) where += ":" + std::to_string(node.Mark().line + 1);
+    throw Error(ErrorCode::kRecipe, where + ": '" + key + "': " + what);
+  }
+  [[noreturn]] void fail_plain(const std::string& key, const std::string& what) const {
+    throw Error(ErrorCode::kRecipe, file + ": '" + key + "': " + what);
+  }
+};
+
+std::string join_params(const MergeMethod& method, bool model_only) {
+  std::string out;
+  for (const auto& p : method.params) {
+    if (model_only && p.scope != MergeParamScope::kModel) continue;
+    if (!out.empty()) out += ", ";
+    out += p.name;
+  }
+  return out.empty() ? "none" : out;
+}
+
+std::string format_range(const MergeParamSpec& spec) {
+  std::ostringstream s;
+  s << (spec.min_open ? "(" : "[") << spec.min << ", " << spec.max << (spec.max_open ? ")" : "]");
+  return s.str();
+}
+
+void check_range(const Ctx& ctx, const YAML::Node& node, const std::string& key, const MergeParamSpec& spec, double v) {
+  if (spec.type != MergeParamType::kFloat && spec.type != MergeParamType::kInt) return;
+  const bool low_ok = spec.min_open ? v > spec.min : v >= spec.min;
+  const bool high_ok = spec.max_open ? v < spec.max : v <= spec.max;
+  if (!std::isfinite(v) || !low_ok || !high_ok) {
+    std::ostringstream s;
+    s << v << " is outside " << format_range(spec);
+    ctx.fail(node, key, s.str());
+  }
+}
+
+double parse_scalar(const Ctx& ctx, const YAML::Node& node, const std::string& key, const MergeParamSpec& spec) {
+  if (!node.IsScalar()) ctx.fail(node, key, "expected a scalar");
+  const std::string text = node.Scalar();
+  double v = 0;
+  switch (spec.type) {
+    case MergeParamType::kFloat:
+      try {
+        v = node.as<double>();
+      } catch (const YAML::Exception&) {
+        ctx.fail(node, key, "expected a number, got '" + text + "'");
+      }
+      break;
+    case MergeParamType::kInt: {
+      try {
+        v = static_cast<double>(node.as<long long>());
+      } catch (const YAML::Exception&) {
+        ctx.fail(node, key, "expected an integer, got '" + text + "'");
+      }
+      break;
+    }
+    case MergeParamType::kBool:
+      try {
+        v = node.as<bool>() ? 1.0 : 0.0;
+      } catch (const YAML::Exception&) {
+        ctx.fail(node, key, "expected true or false, got '" + text + "'");
+      }
+      break;
+    case MergeParamType::kChoice: {
+      bool found = false;
+      std::string allowed;
+      for (std::size_t i = 0; i < spec.choices.size(); ++i) {
+        if (spec.choices[i] == text) {
+          v = static_cast<double>(i);
+          found = true;
+        }
+        allowed += (i ? ", " : "") + std::string(spec.choices[i]);
+      }
+      if (!found) ctx.fail(node, key, "expected one of " + allowed + ", got '" + text + "'");
+      break;
+    }
+  }
+  check_range(ctx, node, key, spec, v);
+  return v;
+}
+
+std::vector<double> parse_scalar_or_list(const Ctx& ctx, const YAML::Node& node, const std::string& key,
+                                         const MergeParamSpec& spec) {
+  if (node.IsScalar()) return {parse_scalar(ctx, node, key, spec)};
+  if (!node.IsSequence() || node.size() == 0) ctx.fail(node, key, "expected a scalar or a non-empty list");
+  if (spec.type != MergeParamType::kFloat)
+    ctx.fail(node, key, "a list is interpolated over layers and needs a number parameter");
+  std::vector<double> values;
+  for (const auto& item : node) values.push_back(parse_scalar(ctx, item, key, spec));
+  return values;
+}
+
+RecipeValue parse_value(const Ctx& ctx, const YAML::Node& node, const std::string& key, const MergeParamSpec& spec) {
+  RecipeValue value;
+  if (node.IsScalar()) {
+    value.values = {parse_scalar(ctx, node, key, spec)};
+    return value;
+  }
+  if (!node.IsSequence() || node.size() == 0) ctx.fail(node, key, "expected a scalar, a list or a list of {filter, value}");
+  bool maps = false, scalars = false;
+  for (const auto& item : node) (item.IsMap() ? maps : scalars) = true;
+  if (maps && scalars) ctx.fail(node, key, "mixes scalars and {filter, value} entries");
+  if (scalars) {
+    value.kind = RecipeValue::Kind::kLayers;
+    value.values = parse_scalar_or_list(ctx, node, key, spec);
+    return value;
+  }
+  value.kind = RecipeValue::Kind::kFilters;
+  for (const auto& item : node) {
+    RecipeValue::FilterEntry entry;
+    bool has_value = false;
+    for (const auto& kv : item) {
+      const std::string k = kv.first.as<std::string>();
+      if (k == "filter") {
+        if (!kv.second.IsScalar()) ctx.fail(kv.second, key + ".filter", "expected a regular expression string");
+        entry.pattern = kv.second.Scalar();
+        try {
+          entry.regex = std::regex(*entry.pattern, std::regex::ECMAScript);
+        } catch (const std::regex_error& e) {
+          ctx.fail(kv.second, key + ".filter", "invalid regular expression '" + *entry.pattern + "': " + e.what());
+        }
+      } else if (k == "value") {
+        entry.values = parse_scalar_or_list(ctx, kv.second, key, spec);
+        has_value = true;
+      } else {
+        ctx.fail(kv.first, key, "unknown key '" + k + "' in a filter entry (expected filter, value)");
+      }
+    }
+    if (!has_value) ctx.fail(item, key, "a filter entry needs a 'value'");
+    value.filters.push_back(std::move(entry));
+  }
+  return value;
+}
+
+std::map<std::string, RecipeValue> parse_params(const Ctx& ctx, const YAML::Node& node, const std::string& where,
+                                                const MergeMethod& method, bool model_scope) {
+  std::map<std::string, RecipeValue> out;
+  if (!node.IsMap()) ctx.fail(node, where, "expected a mapping of parameter names to values");
+  for (const auto& kv : node) {
+    const std::string name = kv.first.as<std::string>();
+    const MergeParamSpec* spec = method.find_param(name);
+    const std::string key = where + "." + name;
+    if (!spec)
+      ctx.fail(kv.first, key,
+               "unknown parameter for " + std::string(method.name) + " (accepted: " + join_params(method, model_scope) + ")");
+    if (model_scope && spec->scope != MergeParamScope::kModel)
+      ctx.fail(kv.first, key, "is a global parameter: put it under the top-level 'parameters'");
+    if (out.count(name)) ctx.fail(kv.first, key, "given twice");
+    out.emplace(name, parse_value(ctx, kv.second, key, *spec));
+  }
+  return out;
+}
+
+std::filesystem::path parse_path(const Ctx& ctx, const YAML::Node& node, const std::string& key,
+                                 const std::filesystem::path& folder) {
+  if (!node.IsScalar() || node.Scalar().empty()) ctx.fail(node, key, "expected a path");
+  std::filesystem::path p = node.Scalar();
+  if (p.is_relative() && !folder.empty()) p = folder / p;
+  return p;
+}
+
+DType parse_dtype_key(const Ctx& ctx, const YAML::Node& node, const std::string& key) {
+  if (!node.IsScalar()) ctx.fail(node, key, "expected a dtype name");
+  const auto d = parse_dtype_user(node.Scalar());
+  if (!d || !dtype_is_writable_float(*d))
+    ctx.fail(node, key, "unknown or non-float dtype '" + node.Scalar() + "' (float32, float16, bfloat16, float64, fp8_e4m3, fp8_e5m2)");
+  return *d;
+}
+
+bool all_scalar(const std::map<std::string, RecipeValue>& params) {
+  for (const auto& [k, v] : params)
+    if (v.kind != RecipeValue::Kind::kScalar) return false;
+  return true;
+}
+
+}  // namespace
+
+int merge_layer_index(std::string_view name) {
+  static const std::set<std::string_view> kPrefixes = {"layers", "layer", "h", "blocks", "block"};
+  std::size_t start = 0;
+  std::string_view prev;
+  while (start <= name.size()) {
+    const std::size_t dot = name.find('.', start);
+    const std::string_view part = name.substr(start, dot == std::string_view::npos ? std::string_view::npos : dot - start);
+    if (!part.empty() && kPrefixes.count(prev) && part.size() <= 6 &&
+        part.find_first_not_of("0123456789") == std::string_view::npos)
+      return std::stoi(std::string(part));
+    prev = part;
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return -1;
+}
+
+namespace {
+double interpolate(const std::vector<double>& v, int layer, int num_layers) {
+  if (v.size() == 1 || layer < 0 || num_layers <= 1) return v.front();
+  double x = static_cast<double>(layer) / (num_layers - 1) * static_cast<double>(v.size() - 1);
+  x = std::clamp(x, 0.0, static_cast<double>(v.size() - 1));
+  const auto i = static_cast<std::size_t>(std::floor(x));
+  if (i + 1 >= v.size()) return v.back();
+  const double f = x - static_cast<double>(i);
+  return v[i] + (v[i + 1] - v[i]) * f;
+}
+}  // namespace
+
+double RecipeValue::resolve(const std::string& tensor_name, int layer, int num_layers) const {
+  if (kind != Kind::kFilters) return interpolate(values, layer, num_layers);
+  for (const auto& f : filters)
+    if (!f.pattern || std::regex_search(tensor_name, f.regex)) return interpolate(f.values, layer, num_layers);
+  return std::nan("");  // no entry matched: the caller uses the default
+}
+
+void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
+                     MergeGlobalParams& global) const {
+  const int layer = merge_layer_index(tensor_name);
+  model_params.assign(models.size(), MergeModelParams{});
+  global = MergeGlobalParams{};
+  global.seed = seed;
+  auto pick = [&](const RecipeValue* v, double def) {
+    if (!v) return def;
+    const double r = v->resolve(tensor_name, layer, num_layers);
+    return std::isnan(r) ? def : r;
+  };
+  for (const auto& spec : method->params) {
+    const std::string name(spec.name);
+    const auto git = params.find(name);
+    const RecipeValue* gv = git == params.end() ? nullptr : &git->second;
+    if (spec.scope == MergeParamScope::kGlobal) {
+      merge_detail::apply_param(name, pick(gv, spec.default_value), nullptr, &global);
+      continue;
+    }
+    const double gdef = pick(gv, spec.default_value);
+    for (std::size_t m = 0; m < models.size(); ++m) {
+      const auto mit = models[m].params.find(name);
+      merge_detail::apply_param(name, pick(mit == models[m].params.end() ? nullptr : &mit->second, gdef), &model_params[m],
+                                nullptr);
+    }
+  }
+  // TIES family: `normalize` is mergekit's spelling of the disjoint merge (true = mean, false = sum).
+  if (method->find_param("disjoint")) {
+    if (params.count("normalize")) global.disjoint_sum = !global.normalize;
+    global.normalize = false;
+  }
+  const std::string at = file.string() + ": tensor '" + tensor_name + "'";
+  if (global.normalize) {
+    double sum = 0;
+    for (const auto& p : model_params) sum += p.weight;
+    if (sum == 0) throw Error(ErrorCode::kRecipe, at + ": 'normalize': the weights sum to 0");
+  }
+  if (method->find_param("epsilon")) {
+    for (std::size_t m = 0; m < model_params.size(); ++m) {
+      const auto& p = model_params[m];
+      if (p.density - p.epsilon < 0 || p.density + p.epsilon > 1)
+        throw Error(ErrorCode::kRecipe, at + ": models[" + std::to_string(m) + "] 'epsilon': density " +
+                                            std::to_string(p.density) + " +- epsilon " + std::to_string(p.epsilon) +
+                                            " leaves [0, 1]");
+    }
+  }
+}
+
+namespace {
+Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file);
+}  // namespace
+
+Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& file) {
+  try {
+    return parse_recipe_node(yaml_text, file);
+  } catch (const YAML::Exception& e) {  // e.g. a mapping used as a key: still a recipe error
+    throw Error(ErrorCode::kRecipe, file.string() + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+  }
+}
+
+namespace {
+Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
+  Ctx ctx{file.string()};
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    throw Error(ErrorCode::kRecipe, ctx.file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
+  }
+  if (!root.IsMap()) throw Error(ErrorCode::kRecipe, ctx.file + ": a recipe is a YAML mapping (merge_method, models, ...)");
+  const std::filesystem::path folder = file == "<string>" ? std::filesystem::path() : file.parent_path();
+
+  Recipe r;
+  r.file = file;
+  static const std::set<std::string> kKeys = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"};
+  for (const auto& kv : root) {
+    const std::string k = kv.first.as<std::string>();
+    if (!kKeys.count(k))
+      ctx.fail(kv.first, k, "unknown key (accepted: merge_method, base_model, models, parameters, dtype, out_dtype, seed)");
+  }
+  const YAML::Node method = root["merge_method"];
+  if (!method) ctx.fail_plain("merge_method", "missing");
+  if (!method.IsScalar()) ctx.fail(method, "merge_method", "expected a method name");
+  r.method = find_merge_method(method.Scalar());
+  if (!r.method) {
+    std::string names;
+    for (const auto& m : merge_methods()) names += (names.empty() ? "" : ", ") + std::string(m.name);
+    ctx.fail(method, "merge_method", "unknown method '" + method.Scalar() + "' (known: " + names + ")");
+  }
+  if (const auto base = root["base_model"]) r.base_model = parse_path(ctx, base, "base_model", folder);
+  if (const auto seed = root["seed"]) {
+    try {
+      const auto s = seed.as<long long>();
+      if (s < 0) ctx.fail(seed, "seed", "must be >= 0");
+      r.seed = static_cast<std::uint64_t>(s);
+    } catch (const YAML::Exception&) {
+      ctx.fail(seed, "seed", "expected a non-negative integer");
+    }
+  }
+  if (const auto d = root["dtype"]) r.dtype = parse_dtype_key(ctx, d, "dtype");
+  if (const auto d = root["out_dtype"]) r.out_dtype = parse_dtype_key(ctx, d, "out_dtype");
+  if (const auto p = root["parameters"]; p && !p.IsNull()) {
+    r.params = parse_params(ctx, p, "parameters", *r.method, false);
+    if (r.params.count("normalize") && r.params.count("disjoint"))
+      ctx.fail(p, "parameters.normalize", "give either disjoint (mean | sum) or its mergekit alias normalize, not both");
+  }
+
+  const YAML::Node models = root["models"];
+  if (!models) ctx.fail_plain("models", "missing");
+  if (!models.IsSequence() || models.size() == 0) ctx.fail(models, "models", "expected a non-empty list");
+  for (std::size_t i = 0; i < models.size(); ++i) {
+    const YAML::Node item = models[i];
+    const std::string where = "models[" + std::to_string(i) + "]";
+    RecipeModel m;
+    if (item.IsScalar()) {
+      m.path = parse_path(ctx, item, where, folder);
+    } else {
+      if (!item.IsMap()) ctx.fail(item, where, "expected {model: PATH, parameters: {...}}");
+      for (const auto& kv : item) {
+        const std::string k = kv.first.as<std::string>();
+        if (k != "model" && k != "parameters") ctx.fail(kv.first, where + "." + k, "unknown key (accepted: model, parameters)");
+      }
+      if (!item["model"]) ctx.fail(item, where + ".model", "missing");
+      m.path = parse_path(ctx, item["model"], where + ".model", folder);
+      if (const auto p = item["parameters"]; p && !p.IsNull())
+        m.params = parse_params(ctx, p, where + ".parameters", *r.method, true);
+    }
+    r.models.push_back(std::move(m));
+  }
+
+  const std::string mname(r.method->name);
+  if (r.method->needs_base && !r.base_model) ctx.fail_plain("base_model", "missing: " + mname + " needs a base model");
+  std::size_t endpoints = r.models.size();
+  if (r.method->name == "slerp" && r.base_model && r.models.size() == 1) endpoints = 2;  // base is the t = 0 end
+  if (endpoints < r.method->min_models || endpoints > r.method->max_models)
+    ctx.fail(models, "models",
+             mname + " takes " + std::to_string(r.method->min_models) +
+                 (r.method->max_models == r.method->min_models ? "" : " or more") + " models, got " +
+                 std::to_string(r.models.size()));
+
+  // Cross-parameter checks that need no tensor name; per-tensor ones run again in merge_checkpoints.
+  bool scalars = all_scalar(r.params);
+  for (const auto& m : r.models) scalars = scalars && all_scalar(m.params);
+  if (scalars) {
+    std::vector<MergeModelParams> mp;
+    MergeGlobalParams gp;
+    r.resolve("", 1, mp, gp);
+  }
+  return r;
+}
+}  // namespace
+
+Recipe load_recipe(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error(ErrorCode::kIo, file.string() + ": cannot read the recipe");
+  std::stringstream s;
+  s << in.rdbuf();
+  return parse_recipe(s.str(), file);
+}
+
+}  // namespace taskvec

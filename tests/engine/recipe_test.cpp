@@ -1,0 +1,286 @@
+// YAML recipes: valid recipes parse to the expected values; every error case raises kRecipe.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "taskvec/error.hpp"
+#include "taskvec/merge.hpp"
+
+namespace taskvec {
+namespace {
+
+ErrorCode code_of(const std::string& yaml) {
+  try {
+    parse_recipe(yaml, "r.yaml");
+  } catch (const Error& e) {
+    return e.code();
+  }
+  return ErrorCode::kInternal;  // parsed: not an error
+}
+
+std::string message_of(const std::string& yaml) {
+  try {
+    parse_recipe(yaml, "r.yaml");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Recipe, ParsesTiesRecipe) {
+  const Recipe r = parse_recipe(R"(
+merge_method: ties
+base_model: base.safetensors
+models:
+  - model: a.safetensors
+    parameters: {weight: 0.7, density: 0.4}
+  - model: /abs/b.safetensors
+parameters:
+  lambda: 0.9
+  density: 0.3
+  disjoint: sum
+dtype: bfloat16
+out_dtype: float16
+seed: 17
+)",
+                                "/recipes/r.yaml");
+  EXPECT_EQ(r.method->name, "ties");
+  EXPECT_EQ(*r.base_model, std::filesystem::path("/recipes/base.safetensors"));
+  ASSERT_EQ(r.models.size(), 2u);
+  EXPECT_EQ(r.models[0].path, std::filesystem::path("/recipes/a.safetensors"));
+  EXPECT_EQ(r.models[1].path, std::filesystem::path("/abs/b.safetensors"));
+  EXPECT_EQ(*r.dtype, DType::kBF16);
+  EXPECT_EQ(*r.out_dtype, DType::kF16);
+  EXPECT_EQ(r.seed, 17u);
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve("model.layers.0.w", 4, mp, gp);
+  ASSERT_EQ(mp.size(), 2u);
+  EXPECT_FLOAT_EQ(mp[0].weight, 0.7f);
+  EXPECT_FLOAT_EQ(mp[0].density, 0.4f);
+  EXPECT_FLOAT_EQ(mp[1].weight, 1.0f);    // method default
+  EXPECT_FLOAT_EQ(mp[1].density, 0.3f);   // global default of a model parameter
+  EXPECT_FLOAT_EQ(gp.lambda, 0.9f);
+  EXPECT_TRUE(gp.disjoint_sum);
+  EXPECT_FALSE(gp.trim_model);
+  EXPECT_EQ(gp.seed, 17u);
+}
+
+TEST(Recipe, MethodDefaults) {
+  const Recipe r = parse_recipe("merge_method: linear\nmodels: [a, b]\n");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve("x", 1, mp, gp);
+  EXPECT_TRUE(gp.normalize);  // linear normalizes by default
+  EXPECT_FALSE(r.base_model);
+  const Recipe d = parse_recipe("merge_method: dare_ties\nbase_model: b\nmodels: [a]\n");
+  d.resolve("x", 1, mp, gp);
+  EXPECT_FLOAT_EQ(mp[0].density, 0.5f);
+  EXPECT_TRUE(gp.rescale);
+  EXPECT_FALSE(gp.normalize);
+}
+
+TEST(Recipe, EmptyParameterBlocksAreAllowed) {
+  const Recipe r = parse_recipe("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\nparameters:\n");
+  EXPECT_TRUE(r.params.empty());
+  EXPECT_TRUE(r.models[0].params.empty());
+}
+
+TEST(Recipe, MergekitNormalizeSpellsTheDisjointMerge) {
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  const std::string base = "base_model: b\nmodels: [a]\n";
+  parse_recipe("merge_method: dare_ties\n" + base + "parameters: {normalize: false}\n").resolve("x", 1, mp, gp);
+  EXPECT_TRUE(gp.disjoint_sum);
+  EXPECT_FALSE(gp.normalize);
+  parse_recipe("merge_method: ties\n" + base + "parameters: {normalize: true}\n").resolve("x", 1, mp, gp);
+  EXPECT_FALSE(gp.disjoint_sum);
+  parse_recipe("merge_method: ties\n" + base + "parameters: {disjoint: sum}\n").resolve("x", 1, mp, gp);
+  EXPECT_TRUE(gp.disjoint_sum);
+  EXPECT_FALSE(gp.normalize);
+  parse_recipe("merge_method: della\n" + base).resolve("x", 1, mp, gp);
+  EXPECT_FALSE(gp.disjoint_sum);
+}
+
+TEST(Recipe, LayerIndex) {
+  EXPECT_EQ(merge_layer_index("model.layers.12.mlp.down_proj.weight"), 12);
+  EXPECT_EQ(merge_layer_index("transformer.h.3.attn.c_attn.weight"), 3);
+  EXPECT_EQ(merge_layer_index("blocks.0.norm.weight"), 0);
+  EXPECT_EQ(merge_layer_index("encoder.layer.7.output.dense.bias"), 7);
+  EXPECT_EQ(merge_layer_index("model.embed_tokens.weight"), -1);
+  EXPECT_EQ(merge_layer_index("lm_head.weight"), -1);
+  EXPECT_EQ(merge_layer_index("layers.x.w"), -1);
+}
+
+TEST(Recipe, LayerListIsInterpolatedOverLayers) {
+  const Recipe r = parse_recipe(R"(
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: a
+    parameters:
+      weight: [0.0, 1.0, 0.5]
+)");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  // 5 layers: positions 0, 0.5, 1, 1.5, 2 over the list
+  const float want[] = {0.0f, 0.5f, 1.0f, 0.75f, 0.5f};
+  for (int l = 0; l < 5; ++l) {
+    r.resolve("model.layers." + std::to_string(l) + ".w", 5, mp, gp);
+    EXPECT_FLOAT_EQ(mp[0].weight, want[l]) << l;
+  }
+  r.resolve("model.embed_tokens.weight", 5, mp, gp);  // no layer index: first value
+  EXPECT_FLOAT_EQ(mp[0].weight, 0.0f);
+}
+
+TEST(Recipe, FiltersApplyByTensorNameFirstMatchWins) {
+  const Recipe r = parse_recipe(R"(
+merge_method: slerp
+base_model: base
+models: [other]
+parameters:
+  t:
+    - filter: self_attn
+      value: 0.25
+    - filter: mlp
+      value: [0.0, 1.0]
+    - filter: attn
+      value: 0.9
+    - value: 0.5
+)");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve("model.layers.1.self_attn.q.weight", 3, mp, gp);
+  EXPECT_FLOAT_EQ(gp.t, 0.25f);
+  r.resolve("model.layers.1.mlp.up.weight", 3, mp, gp);
+  EXPECT_FLOAT_EQ(gp.t, 0.5f);
+  r.resolve("model.layers.2.mlp.up.weight", 3, mp, gp);
+  EXPECT_FLOAT_EQ(gp.t, 1.0f);
+  r.resolve("model.layers.1.cross_attn.weight", 3, mp, gp);
+  EXPECT_FLOAT_EQ(gp.t, 0.9f);
+  r.resolve("model.norm.weight", 3, mp, gp);
+  EXPECT_FLOAT_EQ(gp.t, 0.5f);
+}
+
+TEST(Recipe, FilterWithoutDefaultFallsBackToMethodDefault) {
+  const Recipe r = parse_recipe(R"(
+merge_method: ties
+base_model: base
+models: [a]
+parameters:
+  density: [{filter: "^lm_head", value: 0.9}]
+)");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve("lm_head.weight", 1, mp, gp);
+  EXPECT_FLOAT_EQ(mp[0].density, 0.9f);
+  r.resolve("other.weight", 1, mp, gp);
+  EXPECT_FLOAT_EQ(mp[0].density, 0.2f);
+}
+
+TEST(Recipe, ErrorsAreRecipeErrors) {
+  const std::string base = "base_model: b\nmodels: [a]\n";
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "slices: []\n"), ErrorCode::kRecipe);                // unknown key
+  EXPECT_EQ(code_of("merge_method: frankenmerge\n" + base), ErrorCode::kRecipe);                         // unknown method
+  EXPECT_EQ(code_of(base), ErrorCode::kRecipe);                                                          // no method
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\n"), ErrorCode::kRecipe);                        // no models
+  EXPECT_EQ(code_of("merge_method: ties\nmodels: [a]\n"), ErrorCode::kRecipe);                          // base missing
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: 0}\n"), ErrorCode::kRecipe);   // density 0
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: 1.5}\n"), ErrorCode::kRecipe); // density > 1
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [0.5, 1.2]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: high}\n"), ErrorCode::kRecipe); // wrong type
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {densty: 0.5}\n"), ErrorCode::kRecipe);  // unknown param
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {gamma: 0.1}\n"), ErrorCode::kRecipe);   // not a ties param
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {disjoint: median}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {lambda: {a: 1}}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {lambda: 1}\n"),
+            ErrorCode::kRecipe);  // global parameter under a model
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    weight: 1\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - parameters: {weight: 1}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: della\n" + base + "parameters: {density: 0.5, epsilon: 0.6}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: della\n" + base + "parameters: {density: 0.9, epsilon: 0.2}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n"
+                    "    parameters: {weight: -1}\n"),
+            ErrorCode::kRecipe);  // normalize with weights summing to 0
+  EXPECT_EQ(code_of("merge_method: slerp\nmodels: [a, b, c]\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: slerp\nmodels: [a]\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "dtype: int8\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "seed: -3\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "seed: abc\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter: '(', value: 0.5}]}\n"),
+            ErrorCode::kRecipe);  // bad regex
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter: x}]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [0.5, {value: 0.5}]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {normalize: true, disjoint: sum}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: model_stock\n" + base + "parameters: {normalize: true}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: consensus\n" + base + "parameters: {k: 1.5}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {trim: [tensor, model]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("- just\n- a list\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {lambda: .inf}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {lambda: .nan}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ~\n" + base), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels: [~]\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [[0.5]]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{value: {a: 1}}]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: [ties\n"), ErrorCode::kRecipe);  // invalid YAML
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "? {a: 1}\n: 2\n"), ErrorCode::kRecipe);  // mapping as a key
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: [1, 2]\n"), ErrorCode::kRecipe);
+}
+
+TEST(Recipe, ZeroWeightSumWithFiltersIsCaughtPerTensor) {
+  const Recipe r = parse_recipe(R"(
+merge_method: task_arithmetic
+base_model: b
+models:
+  - model: a
+    parameters: {weight: [{filter: attn, value: 0}, {value: 1}]}
+parameters: {normalize: true}
+)");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  EXPECT_NO_THROW(r.resolve("mlp.w", 1, mp, gp));
+  try {
+    r.resolve("attn.w", 1, mp, gp);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kRecipe);
+  }
+}
+
+TEST(Recipe, MessagesNameKeyFileAndLine) {
+  const std::string msg = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters:\n  density: 2\n");
+  EXPECT_NE(msg.find("r.yaml:5"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("density"), std::string::npos) << msg;
+  const std::string unk = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_source: base\n");
+  EXPECT_NE(unk.find("tokenizer_source"), std::string::npos) << unk;
+  EXPECT_NE(unk.find("r.yaml:4"), std::string::npos) << unk;
+}
+
+TEST(Recipe, LoadRecipeMissingFileIsIo) {
+  try {
+    load_recipe("/nonexistent/recipe.yaml");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIo);
+  }
+}
+
+}  // namespace
+}  // namespace taskvec
+
+namespace taskvec {
+namespace {
+
+TEST(Recipe, ExampleRecipesParse) {
+  const std::filesystem::path folder = std::filesystem::path(TASKVEC_SOURCE_DIR) / "examples" / "recipes";
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) {
+    if (entry.path().extension() != ".yaml") continue;
+    EXPECT_NO_THROW(load_recipe(entry.path())) << entry.path();
+    ++count;
+  }
+  EXPECT_GE(count, 8);
+}
+
+}  // namespace
+}  // namespace taskvec
