@@ -68,8 +68,17 @@ class Checkpoint {
   /// vector to the pretrained checkpoint it was made from.
   std::string fingerprint() const;
 
+  /// Makes `alias` a second name for the data of tensor `target` (e.g. lm_head.weight for
+  /// model.embed_tokens.weight when the config ties them). Copies of this Checkpoint keep the alias.
+  /// Throws Error{kTensorMissing} if `target` is absent, Error{kInvalidArgument} if `alias` exists.
+  void add_alias(const std::string& alias, const std::string& target);
+  /// The folder's config.json "tie_word_embeddings" value; nullopt without a folder, a readable
+  /// config.json, or that key.
+  std::optional<bool> tied_word_embeddings() const;
+
  private:
   std::filesystem::path path_;
+  std::shared_ptr<std::vector<std::unique_ptr<TensorInfo>>> aliases_;  // entries of alias names
   std::optional<std::filesystem::path> folder_;
   std::vector<std::shared_ptr<const SafetensorsFile>> shards_;
   std::vector<std::string> names_;

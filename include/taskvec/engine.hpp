@@ -44,6 +44,7 @@ struct EditOptions {
   bool allow_nonfinite = false;          ///< proceed when an input holds NaN/Inf (else Error{kNonFinite})
   bool force_base = false;               ///< apply task vectors made from another pretrained checkpoint
   bool dry_run = false;                  ///< plan only: no file is written
+  bool untie_embeddings = false;         ///< see reconcile_tied_embeddings
   std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
   std::function<void(const Progress&)> on_progress;   ///< optional
 };
@@ -104,6 +105,23 @@ LinearExpression parse_expression(const std::string& text, const std::vector<std
 EditReport edit_expression(const std::map<std::string, const Checkpoint*>& models, const std::string& pretrained_name,
                            const std::string& expression, const std::filesystem::path& output,
                            const EditOptions& options);
+
+/// Inputs after reconcile_tied_embeddings.
+struct ReconciledInputs {
+  std::vector<Checkpoint> inputs;         ///< same order as given; tied ones carry an lm_head alias when untying
+  bool untied_base = false;               ///< the base (inputs[0]) was tied and now has an lm_head alias
+  std::vector<std::string> warnings;
+};
+
+/// Tied word embeddings (a checkpoint without lm_head.weight whose head is its input embedding, e.g.
+/// model.embed_tokens.weight, and whose config.json does not say tie_word_embeddings: false) mixed
+/// with checkpoints that have their own lm_head.weight: by default Error{kTensorMissing} explaining
+/// the choice; with `untie`, lm_head.weight of each tied input reads its embedding, so every input
+/// has a head and the output gets its own lm_head.weight (docs/CLI.md). inputs[0] is the base.
+ReconciledInputs reconcile_tied_embeddings(const std::vector<const Checkpoint*>& inputs, bool untie);
+
+/// Names tried, in order, for the input embedding that a missing lm_head.weight is tied to.
+inline constexpr const char* kHeadName = "lm_head.weight";
 
 /// Norms and cosine similarities of task vectors, over float tensors selected by include/exclude.
 /// Reductions use f64 partials per fixed 64 Ki-element chunk combined in chunk order, so results do

@@ -116,6 +116,14 @@ class Parser {
   Linear factor() {
     skip_space();
     if (pos_ >= text_.size()) fail("unexpected end of the expression");
+    // Signs and parentheses recurse: bound the depth so a hostile expression cannot overflow the stack.
+    struct Nest {
+      explicit Nest(Parser& p) : p_(p) {
+        if (++p_.depth_ > kMaxDepth) p_.fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
+      }
+      ~Nest() { --p_.depth_; }
+      Parser& p_;
+    } nest(*this);
     if (accept('-')) return scale(factor(), -1);
     if (accept('+')) return factor();
     if (accept('(')) {
@@ -180,10 +188,12 @@ class Parser {
     return result;
   }
 
+  static constexpr int kMaxDepth = 256;
   const std::string& text_;
   const std::vector<std::string>& names_;
   const std::string& pretrained_;
   std::size_t pos_ = 0;
+  int depth_ = 0;
 };
 
 }  // namespace
@@ -211,6 +221,11 @@ LinearExpression parse_expression(const std::string& text, const std::vector<std
   }
   LinearExpression result;
   for (const auto& [name, c] : value.terms) {
+    // Huge numbers (1e308*1e308, x/1e-320) overflow to Inf or NaN: never hand those to the kernel.
+    if (!std::isfinite(c)) {
+      throw Error(ErrorCode::kExpression,
+                  fmt::format("expression '{}': the coefficient of '{}' is not a finite number ({})", text, name, c));
+    }
     if (c != 0) result.coefficients[name] = c;
   }
   if (result.coefficients.empty()) {

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <regex>
 #include <set>
@@ -11,6 +12,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "engine/internal.hpp"
 #include "engine/parallel.hpp"
 #include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
@@ -18,8 +20,11 @@
 namespace taskvec {
 namespace {
 
-constexpr std::uint64_t kMaxChunkElements = 1u << 16;  // 256 KiB f32 buffers: stay in L2
+constexpr std::uint64_t kMaxChunkElements = 1u << 18;  // one madvise/pwrite per input per 256 Ki elements
 constexpr std::uint64_t kBytesPerElementInFlight = 32;  // base + acc + tmp (<= 8 B each) + output (<= 8 B)
+// A chunk is computed in blocks whose decoded base, accumulator and input (3 x 8 KiB in f32) stay in L1:
+// every pass over them after the decode hits L1, and the mapped input bytes are read from memory once.
+constexpr std::uint64_t kBlockElements = 2048;
 
 std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
@@ -66,6 +71,44 @@ bool all_finite(const T* v, std::uint64_t n) {
   bool ok = true;
   for (std::uint64_t i = 0; i < n; ++i) ok &= (v[i] - v[i] == T(0));
   return ok;
+}
+
+// acc += a * (x - base) and acc += a * x over one block. The f32 versions are also compiled for AVX2 and
+// picked when the program loads (GCC target_clones). AVX2 has no FMA instruction, so no clone can fuse
+// a * (x - base) + acc (GCC contracts by default in C++): every clone rounds as the baseline does and the
+// output bytes do not depend on the CPU. Never add an FMA-capable target (fma, x86-64-v3, avx512f) here.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TASKVEC_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TASKVEC_SIMD_CLONES
+#endif
+
+template <typename T>
+void add_relative(T* __restrict acc, const T* __restrict x, const T* __restrict base, T a, std::uint64_t n) {
+  for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * (x[i] - base[i]);
+}
+template <typename T>
+void add_absolute(T* __restrict acc, const T* __restrict x, T a, std::uint64_t n) {
+  for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * x[i];
+}
+TASKVEC_SIMD_CLONES void add_relative(float* __restrict acc, const float* __restrict x, const float* __restrict base,
+                                      float a, std::uint64_t n) {
+  for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * (x[i] - base[i]);
+}
+TASKVEC_SIMD_CLONES void add_absolute(float* __restrict acc, const float* __restrict x, float a, std::uint64_t n) {
+  for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * x[i];
+}
+// An integer OR-reduction, which vectorizes (the bool AND of all_finite does not, at ~9 instructions per
+// element): adding one to the exponent field carries into bit 31 exactly when the exponent is all ones
+// (Inf or NaN).
+TASKVEC_SIMD_CLONES bool all_finite_f32(const float* __restrict v, std::uint64_t n) {
+  std::uint32_t carry = 0;
+  for (std::uint64_t i = 0; i < n; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof bits);
+    carry |= (bits & 0x7F80'0000u) + 0x0080'0000u;
+  }
+  return (carry & 0x8000'0000u) == 0;
 }
 
 template <typename T>
@@ -117,11 +160,17 @@ class Engine {
  public:
   Engine(const Checkpoint& base, double base_scale, const std::vector<LinearTerm>& terms, const EditOptions& options,
          DtypePolicy policy)
-      : base_(base), scale_(base_scale), terms_(terms), options_(options), policy_(policy) {}
+      : inputs_(reconcile(base, terms, options.untie_embeddings)),
+        base_(inputs_.inputs.front()),
+        scale_(base_scale),
+        terms_(retarget(terms, inputs_)),
+        options_(options),
+        policy_(policy) {}
 
   EditReport run(const std::filesystem::path& output, std::map<std::string, std::string> metadata) {
     auto start = std::chrono::steady_clock::now();
     EditReport report;
+    report.warnings = inputs_.warnings;
     plan_jobs(report);
     std::vector<TensorSpec> specs;
     specs.reserve(jobs_.size());
@@ -136,6 +185,11 @@ class Engine {
     threads_ = detail::resolve_threads(options_.threads);
     chunk_elements_ = std::clamp<std::uint64_t>(options_.memory_budget / (std::uint64_t(threads_) * kBytesPerElementInFlight),
                                                 1024, kMaxChunkElements);
+    std::uint64_t largest = 1;  // no buffer is larger than the largest computed tensor
+    for (const auto& job : jobs_) {
+      if (job->compute) largest = std::max(largest, job->elements);
+    }
+    chunk_elements_ = std::min(chunk_elements_, largest);
     report.peak_chunk_bytes = std::uint64_t(threads_) * chunk_elements_ * kBytesPerElementInFlight;
     if (options_.dry_run) {
       report.seconds = seconds_since(start);
@@ -186,7 +240,12 @@ class Engine {
         },
         report_progress);
     report_progress();
-    writer.commit(report.plan.is_folder && base_.folder() ? base_.auxiliary_files() : std::vector<std::filesystem::path>{});
+    if (report.plan.is_folder && base_.folder()) {
+      detail::ScratchFolder scratch;
+      writer.commit(detail::output_auxiliary_files(base_, inputs_.untied_base, scratch.path));
+    } else {
+      writer.commit();
+    }
     report.bytes_read = bytes_read.load();
     report.bytes_written = bytes_done.load();
     report.seconds = seconds_since(start);
@@ -303,42 +362,57 @@ class Engine {
                  std::uint64_t& written) {
     const std::uint64_t n = item.count;
     Lanes<T>& lanes = buf.lanes<T>();
-    lanes.reserve(n);
+    lanes.reserve(std::min(n, kBlockElements));
     T* base = lanes.base.data();
     T* acc = lanes.acc.data();
     T* tmp = lanes.tmp.data();
     const TensorInfo& bi = *job.base->info;
     const std::uint64_t bsize = dtype_bits(bi.dtype) / 8;
-    decode<T>(bi.dtype, job.base->bytes().data() + item.begin * bsize, base, n);
-    release(*job.base, item.begin * bsize, n * bsize);
-    read += n * bsize;
-    const T s = static_cast<T>(scale_);
-    if (scale_ == 1.0) {
-      std::copy(base, base + n, acc);
-    } else if (scale_ == 0.0) {
-      std::fill(acc, acc + n, T(0));
-    } else {
-      for (std::uint64_t i = 0; i < n; ++i) acc[i] = s * base[i];
-    }
-    if (job.apply_terms) {
-      for (std::size_t k = 0; k < terms_.size(); ++k) {
-        const CheckpointTensor& in = *job.inputs[k];
-        const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
-        decode<T>(in.info->dtype, in.bytes().data() + item.begin * isize, tmp, n);
-        release(in, item.begin * isize, n * isize);
-        read += n * isize;
-        const T a = static_cast<T>(terms_[k].coefficient);
-        if (terms_[k].relative) {
-          for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * (tmp[i] - base[i]);
-        } else {
-          for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * tmp[i];
-        }
-      }
-    }
-    if (!options_.allow_nonfinite && !all_finite(acc, n)) report_nonfinite<T>(job, item, buf);
+    const std::byte* base_bytes = job.base->bytes().data() + item.begin * bsize;
+    const std::size_t nterms = job.apply_terms ? terms_.size() : 0;
     const std::uint64_t osize = dtype_bits(job.out) / 8;
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
-    encode<T>(job.out, acc, buf.out.data(), n);
+    const T s = static_cast<T>(scale_);
+    bool finite = true;
+    for (std::uint64_t b = 0; b < n; b += kBlockElements) {
+      const std::uint64_t m = std::min(kBlockElements, n - b);
+      decode<T>(bi.dtype, base_bytes + b * bsize, base, m);
+      if (scale_ == 1.0) {
+        std::copy(base, base + m, acc);
+      } else if (scale_ == 0.0) {
+        std::fill(acc, acc + m, T(0));
+      } else {
+        for (std::uint64_t i = 0; i < m; ++i) acc[i] = s * base[i];
+      }
+      for (std::size_t k = 0; k < nterms; ++k) {
+        const CheckpointTensor& in = *job.inputs[k];
+        const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
+        decode<T>(in.info->dtype, in.bytes().data() + (item.begin + b) * isize, tmp, m);
+        const T a = static_cast<T>(terms_[k].coefficient);
+        if (terms_[k].relative) {
+          add_relative(acc, tmp, base, a, m);
+        } else {
+          add_absolute(acc, tmp, a, m);
+        }
+      }
+      if (!options_.allow_nonfinite) {
+        if constexpr (std::is_same_v<T, float>) {
+          finite &= all_finite_f32(acc, m);
+        } else {
+          finite &= all_finite(acc, m);
+        }
+      }
+      encode<T>(job.out, acc, buf.out.data() + b * osize, m);
+    }
+    release(*job.base, item.begin * bsize, n * bsize);
+    read += n * bsize;
+    for (std::size_t k = 0; k < nterms; ++k) {
+      const CheckpointTensor& in = *job.inputs[k];
+      const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
+      release(in, item.begin * isize, n * isize);
+      read += n * isize;
+    }
+    if (!finite) report_nonfinite<T>(job, item, buf);
     writer.write(job.shard, job.index, item.begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
     written += n * osize;
   }
@@ -346,6 +420,7 @@ class Engine {
   // Slow path, only after a non-finite result: find which input holds the NaN/Inf, for the message.
   template <typename T>
   [[noreturn]] void report_nonfinite(const Job& job, const Item& item, Buffers& buf) {
+    buf.lanes<T>().reserve(item.count);
     T* tmp = buf.lanes<T>().tmp.data();
     const std::string& name = job.base->info->name;
     std::vector<const CheckpointTensor*> all{job.base};
@@ -367,9 +442,25 @@ class Engine {
                             name));
   }
 
+  // The base is inputs_.inputs[0], the terms' checkpoints follow in order (copies that may carry an
+  // lm_head alias, see reconcile_tied_embeddings).
+  static ReconciledInputs reconcile(const Checkpoint& base, const std::vector<LinearTerm>& terms, bool untie) {
+    std::vector<const Checkpoint*> all{&base};
+    for (const auto& term : terms) {
+      if (term.input == nullptr) throw Error(ErrorCode::kInternal, "linear_edit: null input checkpoint");
+      all.push_back(term.input);
+    }
+    return reconcile_tied_embeddings(all, untie);
+  }
+  static std::vector<LinearTerm> retarget(std::vector<LinearTerm> terms, const ReconciledInputs& inputs) {
+    for (std::size_t i = 0; i < terms.size(); ++i) terms[i].input = &inputs.inputs[i + 1];
+    return terms;
+  }
+
+  ReconciledInputs inputs_;
   const Checkpoint& base_;
   double scale_;
-  const std::vector<LinearTerm>& terms_;
+  std::vector<LinearTerm> terms_;
   const EditOptions& options_;
   DtypePolicy policy_;
   std::vector<std::unique_ptr<Job>> jobs_;

@@ -5,6 +5,8 @@
 #include <sstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "format/internal.hpp"
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/error.hpp"
@@ -28,9 +30,17 @@ bool inside(const fs::path& folder, const fs::path& inner) {
   return true;
 }
 
+// Reads the index file. Its size is capped like a safetensors header (real indexes are a few MB even
+// for the largest models), so a hostile multi-GB index cannot make us allocate it and its JSON tree.
 std::string read_text_file(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(ErrorCode::kIo, path.string() + ": cannot open");
+  std::error_code ec;
+  const std::uintmax_t size = fs::file_size(path, ec);
+  if (!ec && size > kMaxHeaderSize) {
+    throw Error(ErrorCode::kInvalidIndex, path.string() + ": the index is " + std::to_string(size) +
+                                              " bytes, over the limit of " + std::to_string(kMaxHeaderSize));
+  }
   std::ostringstream ss;
   ss << in.rdbuf();
   if (in.bad()) throw Error(ErrorCode::kIo, path.string() + ": cannot read");
@@ -185,6 +195,36 @@ const CheckpointTensor* Checkpoint::find(std::string_view name) const noexcept {
 const CheckpointTensor& Checkpoint::at(std::string_view name) const {
   if (const auto* t = find(name)) return *t;
   throw Error(ErrorCode::kTensorMissing, path_.string() + ": no tensor " + quote_name(name));
+}
+
+void Checkpoint::add_alias(const std::string& alias, const std::string& target) {
+  const CheckpointTensor& t = at(target);
+  if (find(alias) != nullptr) {
+    throw Error(ErrorCode::kInvalidArgument, path_.string() + ": tensor " + quote_name(alias) + " already exists");
+  }
+  if (!aliases_) aliases_ = std::make_shared<std::vector<std::unique_ptr<TensorInfo>>>();
+  auto info = std::make_unique<TensorInfo>(*t.info);
+  info->name = alias;
+  tensors_.emplace(alias, CheckpointTensor{info.get(), t.shard});
+  aliases_->push_back(std::move(info));
+  names_.insert(std::lower_bound(names_.begin(), names_.end(), alias), alias);
+}
+
+std::optional<bool> Checkpoint::tied_word_embeddings() const {
+  if (!folder_) return std::nullopt;
+  const fs::path config = *folder_ / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(config, ec)) return std::nullopt;
+  try {
+    auto j = nlohmann::json::parse(read_text_file(config));
+    auto it = j.find("tie_word_embeddings");
+    if (it == j.end() || !it->is_boolean()) return std::nullopt;
+    return it->get<bool>();
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  } catch (const Error&) {
+    return std::nullopt;
+  }
 }
 
 const std::map<std::string, std::string>& Checkpoint::metadata() const noexcept {

@@ -28,6 +28,9 @@ void add_edit_flags(CLI::App& command, EditFlags& flags) {
   command.add_flag("--force", flags.options.write.force,
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
+  command.add_flag("--untie-embeddings", flags.options.untie_embeddings,
+                   "When tied-embedding checkpoints (no lm_head.weight) meet ones with their own lm_head.weight, "
+                   "read the tied ones' head from their embedding and write an untied output");
   command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
 }
 

@@ -1,0 +1,103 @@
+// Tied word embeddings: many decoder LMs store no lm_head.weight and reuse the input embedding as the
+// output head. Merging such a checkpoint with one that has its own head must not silently drop or
+// invent a head; see reconcile_tied_embeddings in include/taskvec/engine.hpp.
+#include <array>
+
+#include <fmt/format.h>
+
+#include "taskvec/engine.hpp"
+#include "taskvec/error.hpp"
+
+namespace taskvec {
+namespace {
+
+constexpr std::array<const char*, 5> kEmbeddingNames{
+    "model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+    "gpt_neox.embed_in.weight", "embed_tokens.weight"};
+
+// The embedding a missing head is tied to, or nullptr if the checkpoint is not tied.
+const char* tied_embedding(const Checkpoint& ckpt) {
+  if (ckpt.find(kHeadName) != nullptr) return nullptr;
+  if (ckpt.tied_word_embeddings() == false) return nullptr;  // config says untied: a head is simply missing
+  for (const char* name : kEmbeddingNames) {
+    if (ckpt.find(name) != nullptr) return name;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+ReconciledInputs reconcile_tied_embeddings(const std::vector<const Checkpoint*>& inputs, bool untie) {
+  ReconciledInputs result;
+  std::vector<const char*> tied(inputs.size(), nullptr);
+  const Checkpoint* with_head = nullptr;
+  const Checkpoint* tied_one = nullptr;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    tied[i] = tied_embedding(*inputs[i]);
+    if (tied[i] != nullptr && tied_one == nullptr) tied_one = inputs[i];
+    if (inputs[i]->find(kHeadName) != nullptr && with_head == nullptr) with_head = inputs[i];
+  }
+  for (const Checkpoint* c : inputs) result.inputs.push_back(*c);
+  if (tied_one == nullptr || with_head == nullptr) return result;  // all tied or none: nothing to do
+  if (!untie) {
+    throw Error(ErrorCode::kTensorMissing,
+                fmt::format("{} has no {} (its head is tied to its input embedding {}) but {} has its own {}; "
+                            "pass --untie-embeddings to read the tied checkpoints' head from their embedding "
+                            "(the output then has its own {} and its config.json says tie_word_embeddings: false)",
+                            tied_one->path().string(), kHeadName, tied_embedding(*tied_one), with_head->path().string(),
+                            kHeadName, kHeadName));
+  }
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    if (tied[i] == nullptr) continue;
+    result.inputs[i].add_alias(kHeadName, tied[i]);
+    result.warnings.push_back(fmt::format("--untie-embeddings: {} of {} is read from its tied {}", kHeadName,
+                                          inputs[i]->path().string(), tied[i]));
+    if (i == 0) result.untied_base = true;
+  }
+  return result;
+}
+
+}  // namespace taskvec
+
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "engine/internal.hpp"
+
+namespace taskvec::detail {
+
+ScratchFolder::ScratchFolder() {
+  std::string pattern = (std::filesystem::temp_directory_path() / "taskvec-aux-XXXXXX").string();
+  if (mkdtemp(pattern.data()) == nullptr) throw Error(ErrorCode::kIo, "cannot create a temp folder like " + pattern);
+  path = pattern;
+}
+
+ScratchFolder::~ScratchFolder() {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+}
+
+std::vector<std::filesystem::path> output_auxiliary_files(const Checkpoint& base, bool untied_base,
+                                                          const std::filesystem::path& scratch) {
+  std::vector<std::filesystem::path> files = base.auxiliary_files();
+  if (!untied_base) return files;
+  for (auto& file : files) {
+    if (file.filename() != "config.json") continue;
+    std::ifstream in(file);
+    nlohmann::ordered_json config;
+    try {
+      config = nlohmann::ordered_json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(ErrorCode::kIo, fmt::format("{}: cannot parse it to set tie_word_embeddings: {}", file.string(), e.what()));
+    }
+    config["tie_word_embeddings"] = false;
+    std::filesystem::create_directories(scratch);
+    auto rewritten = scratch / "config.json";
+    std::ofstream(rewritten) << config.dump(2) << "\n";
+    file = rewritten;
+  }
+  return files;
+}
+
+}  // namespace taskvec::detail

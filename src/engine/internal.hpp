@@ -1,0 +1,27 @@
+// Internal helpers shared by the engine's two drivers (linear_edit.cpp, merge_driver.cpp).
+#pragma once
+
+#include <filesystem>
+#include <vector>
+
+#include "taskvec/checkpoint.hpp"
+
+namespace taskvec::detail {
+
+/// A private folder under the system temp dir (for rewritten auxiliary files), removed with its
+/// contents on destruction. Throws Error{kIo} if it cannot be created.
+struct ScratchFolder {
+  std::filesystem::path path;
+  ScratchFolder();
+  ~ScratchFolder();
+  ScratchFolder(const ScratchFolder&) = delete;
+  ScratchFolder& operator=(const ScratchFolder&) = delete;
+};
+
+/// The base folder's auxiliary files (config.json, tokenizer, ...) to copy into a folder output. When
+/// the base's tied head was untied (reconcile_tied_embeddings), config.json is replaced by a copy with
+/// "tie_word_embeddings": false written into `scratch` (a folder the caller creates and removes).
+std::vector<std::filesystem::path> output_auxiliary_files(const Checkpoint& base, bool untied_base,
+                                                          const std::filesystem::path& scratch);
+
+}  // namespace taskvec::detail
