@@ -157,6 +157,34 @@ TEST_F(Cli, SimilarityJson) {
   EXPECT_DOUBLE_EQ(j["norms"][1].get<double>(), 2.0);
 }
 
+TEST_F(Cli, MergeRecipe) {
+  // task arithmetic over a and b with lambda 0.5: enc = pre + 0.5*([1,0,0,0] + [0,2,0,0]) = [1.5, 3, 3, 4];
+  // head = pre + 0.5*([2,0] + [0,0]) = [2, 1]
+  std::ofstream(dir / "ta.yaml") << "merge_method: task_arithmetic\nbase_model: pre.safetensors\nmodels:\n"
+                                    "  - model: a.safetensors\n  - model: b.safetensors\nparameters:\n  lambda: 0.5\n";
+  Result r = run("merge -q " + p("ta.yaml") + " -o " + p("ta.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(read_values(dir / "ta.safetensors", "enc.w"), (std::vector<double>{1.5, 3, 3, 4}));
+  EXPECT_EQ(read_values(dir / "ta.safetensors", "head.w"), (std::vector<double>{2, 1}));
+  EXPECT_EQ(read_values(dir / "ta.safetensors", "pos"), (std::vector<double>{0, 1}));
+  // TIES at density 1 with one model is task arithmetic: same bytes as `apply` with the same lambda.
+  std::ofstream(dir / "ties.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels:\n"
+                                      "  - model: a.safetensors\nparameters:\n  density: 1.0\n  lambda: 0.5\n";
+  ASSERT_EQ(run("merge -q " + p("ties.yaml") + " -o " + p("ties.safetensors"), dir).status, 0);
+  ASSERT_EQ(run("diff -q " + p("pre.safetensors") + " " + p("a.safetensors") + " -o " + p("tau.safetensors"), dir).status, 0);
+  ASSERT_EQ(run("apply -q " + p("pre.safetensors") + " -t " + p("tau.safetensors") + ":0.5 -o " + p("half.safetensors"), dir).status, 0);
+  for (const char* name : {"enc.w", "head.w"}) {
+    EXPECT_EQ(read_tensor_bytes(dir / "ties.safetensors", name), read_tensor_bytes(dir / "half.safetensors", name)) << name;
+  }
+  // An unknown key and a density outside (0, 1] are recipe errors (exit 2), nothing written.
+  std::ofstream(dir / "bad.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels:\n"
+                                     "  - model: a.safetensors\nparameters:\n  density: 1.5\n";
+  EXPECT_EQ(run("merge " + p("bad.yaml") + " -o " + p("bad.safetensors"), dir).status, 2);
+  std::ofstream(dir / "bad2.yaml") << "merge_method: ties\nbase_modle: pre.safetensors\nmodels:\n  - model: a.safetensors\n";
+  EXPECT_EQ(run("merge " + p("bad2.yaml") + " -o " + p("bad.safetensors"), dir).status, 2);
+  EXPECT_FALSE(std::filesystem::exists(dir / "bad.safetensors"));
+}
+
 TEST_F(Cli, UsageErrors) {
   EXPECT_EQ(run("", dir).status, 2);
   EXPECT_EQ(run("frobnicate", dir).status, 2);
