@@ -45,6 +45,10 @@ struct EditOptions {
   bool force_base = false;               ///< apply task vectors made from another pretrained checkpoint
   bool dry_run = false;                  ///< plan only: no file is written
   bool untie_embeddings = false;         ///< see reconcile_tied_embeddings
+  /// Inputs whose first dimension differs from the base's (a vocabulary of 32007 rows against 32000):
+  /// combine the rows all have, copy extra rows from the first input (in term order) that has them.
+  /// Off: such a tensor is Error{kShapeMismatch} naming both shapes. linear_edit and its wrappers only.
+  bool merge_extra_rows = false;
   std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
   std::function<void(const Progress&)> on_progress;   ///< optional
 };

@@ -42,6 +42,12 @@ struct Job {
   std::size_t shard = 0, index = 0;
   std::uint64_t elements = 0, chunk = 0, chunks = 0;
   std::atomic<std::uint64_t> chunks_left{0};
+  std::vector<std::uint64_t> shape;            // output shape
+  // --merge-extra-rows: inputs whose first dimension differs from the base's (e.g. a vocabulary of
+  // 32007 rows against 32000). Rows all inputs share are combined; the others are copied.
+  bool resized = false;
+  std::uint64_t base_elements = 0;             // elements the base has
+  std::vector<std::uint64_t> input_elements;   // elements each input has (aligned with inputs)
 };
 
 struct Item {
@@ -174,7 +180,7 @@ class Engine {
     plan_jobs(report);
     std::vector<TensorSpec> specs;
     specs.reserve(jobs_.size());
-    for (const auto& job : jobs_) specs.push_back({job->base->info->name, job->out, job->base->info->shape});
+    for (const auto& job : jobs_) specs.push_back({job->base->info->name, job->out, job->shape});
     for (const auto& [k, v] : options_.extra_metadata) metadata[k] = v;
     report.plan = CheckpointPlan::build(output, std::move(specs), metadata, options_.write);
     for (auto& job : jobs_) {
@@ -229,6 +235,12 @@ class Engine {
             writer.write(job.shard, job.index, item.begin, bytes);
             release(*job.base, item.begin, item.count);
             read = written = item.count;
+          } else if (job.resized) {
+            if (job.wide) {
+              run_resized_chunk<double>(job, item, buffers[worker], writer, read, written);
+            } else {
+              run_resized_chunk<float>(job, item, buffers[worker], writer, read, written);
+            }
           } else if (job.wide) {
             run_chunk<double>(job, item, buffers[worker], writer, read, written);
           } else {
@@ -288,9 +300,18 @@ class Engine {
                                                              name, base_file, term.input->path().string()));
         }
         if (t->info->shape != bi.shape) {
-          throw Error(ErrorCode::kShapeMismatch,
-                      fmt::format("tensor '{}': shape {} in {} but {} in {}", name, shape_text(bi.shape), file_of(*job->base),
-                                  shape_text(t->info->shape), file_of(*t)));
+          const auto& ts = t->info->shape;
+          bool rows_only = !ts.empty() && ts.size() == bi.shape.size() &&
+                           std::equal(ts.begin() + 1, ts.end(), bi.shape.begin() + 1);
+          if (!rows_only || !options_.merge_extra_rows || !editable) {
+            throw Error(ErrorCode::kShapeMismatch,
+                        fmt::format("tensor '{}': shape {} in {} but {} in {}{}", name, shape_text(bi.shape),
+                                    file_of(*job->base), shape_text(ts), file_of(*t),
+                                    rows_only && editable ? " (--merge-extra-rows combines the rows both have and "
+                                                            "copies the extra rows)"
+                                                          : ""));
+          }
+          job->resized = true;
         }
         if (editable && !dtype_is_editable(t->info->dtype)) {
           throw Error(ErrorCode::kDtypeMismatch,
@@ -309,6 +330,28 @@ class Engine {
         job->inputs.push_back(t);
       }
       job->elements = bi.num_elements();
+      job->shape = bi.shape;
+      if (job->resized) {
+        job->base_elements = job->elements;
+        for (const CheckpointTensor* t : job->inputs) {
+          job->input_elements.push_back(t->info->num_elements());
+          job->shape[0] = std::max(job->shape[0], t->info->shape[0]);
+        }
+        job->elements = job->base_elements / std::max<std::uint64_t>(bi.shape[0], 1) * job->shape[0];
+        if (bi.shape[0] == 0) job->elements = 0;
+        const CheckpointTensor* provider = nullptr;
+        for (const CheckpointTensor* t : job->inputs) {
+          if (t->info->shape[0] == job->shape[0]) {
+            provider = t;
+            break;
+          }
+        }
+        if (job->shape[0] > bi.shape[0] && provider != nullptr) {
+          report.warnings.push_back(fmt::format("tensor '{}': rows {}..{} are not in the pretrained checkpoint: copied "
+                                                "from {} (the first input that has them), not combined",
+                                                name, bi.shape[0], job->shape[0] - 1, file_of(*provider)));
+        }
+      }
       if (!editable) {
         job->out = bi.dtype;
         job->compute = false;
@@ -321,7 +364,7 @@ class Engine {
         } else {
           job->out = bi.dtype;
         }
-        bool identity = !job->apply_terms && scale_ == 1.0 && job->out == bi.dtype;
+        bool identity = !job->apply_terms && scale_ == 1.0 && job->out == bi.dtype && !job->resized;
         job->compute = !identity;
         job->wide = bi.dtype == DType::kF64 || job->out == DType::kF64;
       }
@@ -355,6 +398,50 @@ class Engine {
 
   void release(const CheckpointTensor& t, std::uint64_t byte_begin, std::uint64_t byte_count) const {
     t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info) + byte_begin, byte_count);
+  }
+
+  // --merge-extra-rows: out = s*base + sum of the terms over the elements an input has (the others add
+  // nothing); elements past the base come from the first input that has them. Not the hot path.
+  template <typename T>
+  void run_resized_chunk(Job& job, const Item& item, Buffers& buf, const CheckpointWriter& writer, std::uint64_t& read,
+                         std::uint64_t& written) {
+    const std::uint64_t n = item.count, begin = item.begin, end = item.begin + item.count;
+    std::vector<T> base(n), acc(n, T(0)), tmp(n);
+    const TensorInfo& bi = *job.base->info;
+    const std::uint64_t nb = begin < job.base_elements ? std::min(n, job.base_elements - begin) : 0;
+    decode<T>(bi.dtype, job.base->bytes().data() + begin * (dtype_bits(bi.dtype) / 8), base.data(), nb);
+    read += nb * (dtype_bits(bi.dtype) / 8);
+    for (std::uint64_t i = 0; i < nb; ++i) acc[i] = scale_ == 1.0 ? base[i] : static_cast<T>(scale_) * base[i];
+    const std::size_t nterms = job.apply_terms ? terms_.size() : 0;
+    for (std::size_t k = 0; k < nterms; ++k) {
+      const CheckpointTensor& in = *job.inputs[k];
+      const std::uint64_t size = dtype_bits(in.info->dtype) / 8;
+      const std::uint64_t have = job.input_elements[k] > begin ? std::min(nb, job.input_elements[k] - begin) : 0;
+      decode<T>(in.info->dtype, in.bytes().data() + begin * size, tmp.data(), have);
+      read += have * size;
+      const T a = static_cast<T>(terms_[k].coefficient);
+      for (std::uint64_t i = 0; i < have; ++i) acc[i] += terms_[k].relative ? a * (tmp[i] - base[i]) : a * tmp[i];
+    }
+    for (std::uint64_t pos = begin + nb; pos < end;) {
+      std::size_t k = 0;
+      while (job.input_elements[k] <= pos) ++k;  // some input has every output element
+      const CheckpointTensor& in = *job.inputs[k];
+      const std::uint64_t size = dtype_bits(in.info->dtype) / 8;
+      const std::uint64_t count = std::min(end, job.input_elements[k]) - pos;
+      decode<T>(in.info->dtype, in.bytes().data() + pos * size, acc.data() + (pos - begin), count);
+      read += count * size;
+      pos += count;
+    }
+    if (!options_.allow_nonfinite && !all_finite(acc.data(), n)) {
+      throw Error(ErrorCode::kNonFinite, fmt::format("tensor '{}': NaN or Inf in the inputs or the result near element {} "
+                                                     "(use --allow-nonfinite to proceed)",
+                                                     bi.name, begin));
+    }
+    const std::uint64_t osize = dtype_bits(job.out) / 8;
+    if (buf.out.size() < n * osize) buf.out.resize(n * osize);
+    encode<T>(job.out, acc.data(), buf.out.data(), n);
+    writer.write(job.shard, job.index, begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
+    written += n * osize;
   }
 
   template <typename T>

@@ -81,3 +81,51 @@ TEST_F(TiedEmbeddings, AllTiedNeedsNothing) {
 
 }  // namespace
 }  // namespace taskvec
+
+namespace taskvec {
+namespace {
+
+// Vocabulary rows: the base has 2 rows of 2, the fine-tuned model 3 (one added token).
+class ExtraRows : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    test::write_model(dir / "pre.safetensors", {{"embed", DType::kF32, {2, 2}, {1, 2, 3, 4}}, {"w", DType::kF32, {1}, {1}}});
+    test::write_model(dir / "ft.safetensors", {{"embed", DType::kF32, {3, 2}, {2, 2, 3, 6, 7, 8}}, {"w", DType::kF32, {1}, {3}}});
+  }
+  test::TempDir dir;
+};
+
+TEST_F(ExtraRows, RefusedByDefaultNamingBothShapes) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft.safetensors");
+  try {
+    make_task_vector(pre, ft, dir / "tau.safetensors", EditOptions{});
+    FAIL() << "expected kShapeMismatch";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kShapeMismatch);
+    EXPECT_NE(std::string(e.what()).find("[2, 2]"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("[3, 2]"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(ExtraRows, CommonRowsCombinedExtraRowsCopied) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft.safetensors");
+  EditOptions options;
+  options.merge_extra_rows = true;
+  std::map<std::string, const Checkpoint*> models{{"pre", &pre}, {"ft", &ft}};
+  EditReport r = edit_expression(models, "pre", "pre + 0.5*tau(ft)", dir / "out.safetensors", options);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  // rows 0-1: [1,2,3,4] + 0.5*([2,2,3,6] - [1,2,3,4]) = [1.5, 2, 3, 5]; row 2 copied: [7, 8]
+  EXPECT_EQ(test::read_values(dir / "out.safetensors", "embed"), (std::vector<double>{1.5, 2, 3, 5, 7, 8}));
+  EXPECT_EQ(test::read_values(dir / "out.safetensors", "w"), std::vector<double>{2});
+  // diff + apply with the same option gives the fine-tuned model back.
+  make_task_vector(pre, ft, dir / "tau.safetensors", options);
+  EXPECT_EQ(test::read_values(dir / "tau.safetensors", "embed"), (std::vector<double>{1, 0, 0, 2, 7, 8}));
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  apply_task_vectors(pre, {{&tau, 1.0}}, dir / "back.safetensors", options);
+  EXPECT_EQ(test::read_values(dir / "back.safetensors", "embed"), (std::vector<double>{2, 2, 3, 6, 7, 8}));
+}
+
+}  // namespace
+}  // namespace taskvec

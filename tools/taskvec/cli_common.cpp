@@ -28,6 +28,9 @@ void add_edit_flags(CLI::App& command, EditFlags& flags) {
   command.add_flag("--force", flags.options.write.force,
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
+  command.add_flag("--merge-extra-rows", flags.options.merge_extra_rows,
+                   "Tensors whose first dimension differs (e.g. a vocabulary of 32007 vs 32000 rows): combine the "
+                   "rows all inputs have, copy the extra rows from the first input that has them");
   command.add_flag("--untie-embeddings", flags.options.untie_embeddings,
                    "When tied-embedding checkpoints (no lm_head.weight) meet ones with their own lm_head.weight, "
                    "read the tied ones' head from their embedding and write an untied output");
