@@ -14,7 +14,9 @@
 namespace taskvec {
 
 MappedFile MappedFile::open(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO (or a tty) planted in a model folder would otherwise block forever
+  // before fstat can refuse it; it changes nothing for regular files.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     throw Error(ErrorCode::kIo, path.string() + ": cannot open: " + format_detail::errno_text(err));
