@@ -366,7 +366,10 @@ class Engine {
         }
         bool identity = !job->apply_terms && scale_ == 1.0 && job->out == bi.dtype && !job->resized;
         job->compute = !identity;
+        // f64 arithmetic when any side is F64: an F64 task vector of F32 models (diff --dtype f64) then
+        // gives the F32 fine-tuned weights back bit for bit (docs/NUMERICS.md).
         job->wide = bi.dtype == DType::kF64 || job->out == DType::kF64;
+        for (const CheckpointTensor* t : job->inputs) job->wide = job->wide || t->info->dtype == DType::kF64;
       }
       if (job->compute && job->apply_terms) {
         ++report.tensors_edited;

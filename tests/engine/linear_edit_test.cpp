@@ -92,6 +92,26 @@ TEST_F(LinearEdit, F64TensorsUseF64AndStayF64) {
   EXPECT_DOUBLE_EQ(tau2[1], 1e-300 - 0.25);
 }
 
+TEST_F(LinearEdit, F32ModelsRoundTripExactlyThroughAnF64TaskVector) {
+  // pre = 1e-3 and ft = -3e-7 (a weight crossing zero): ft - pre needs ~35 significant bits, so an F32
+  // task vector rounds it; an F64 one holds it exactly and apply computes in f64.
+  const float pre_value = 1e-3f, ft_value = -3e-7f;
+  write_model(dir / "p.safetensors", {{"w", DType::kF32, {2}, {pre_value, 0.5f}}});
+  write_model(dir / "f.safetensors", {{"w", DType::kF32, {2}, {ft_value, 0.75f}}});
+  Checkpoint pre = Checkpoint::open(dir / "p.safetensors");
+  options.out_dtype = DType::kF64;
+  make_task_vector(pre, Checkpoint::open(dir / "f.safetensors"), dir / "tau.safetensors", options);
+  EXPECT_EQ(read_values(dir / "tau.safetensors", "w")[0], double(ft_value) - double(pre_value));
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  options.out_dtype.reset();
+  apply_task_vectors(pre, {{&tau, 1.0}}, dir / "back.safetensors", options);
+  EXPECT_EQ(test::read_dtype(dir / "back.safetensors", "w"), DType::kF32);
+  EXPECT_EQ(read_tensor_bytes(dir / "back.safetensors", "w"), read_tensor_bytes(dir / "f.safetensors", "w"));
+  // The F32 task vector of the same pair misses: fl32(pre + fl32(ft - pre)) != ft here.
+  float tau32 = ft_value - pre_value;
+  EXPECT_NE(pre_value + tau32, ft_value);
+}
+
 TEST_F(LinearEdit, OutputDtypeRoundsToNearestEven) {
   // 1 + 2^-7 is a bf16 value; 1 + 0.5 * 2^-7 = 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7:
   // ties go to the even significand, 1.0. With 0.75, 1 + 0.75 * 2^-7 is nearer 1 + 2^-7.
