@@ -343,7 +343,7 @@ Json run_steps(SeedState& s, const LabConfig& c) {
 }
 
 const std::vector<std::string>& experiment_names() {
-  static const std::vector<std::string> names = {"negation", "addition", "analogy", "cosine", "lr", "steps"};
+  static const std::vector<std::string> names = {"negation", "addition", "analogy", "cosine", "lr", "steps", "leaderboard"};
   return names;
 }
 

@@ -137,6 +137,10 @@ Json run_analogy(SeedState& s, const LabConfig& c);
 Json run_cosine(SeedState& s, const LabConfig& c);
 Json run_lr(SeedState& s, const LabConfig& c);
 Json run_steps(SeedState& s, const LabConfig& c);
+/// Every merge method on all tasks, hyperparameters chosen on validation (leaderboard.cpp).
+Json run_leaderboard(SeedState& s, const LabConfig& c);
+/// The leaderboard as a Markdown table (seed means and half ranges).
+std::string leaderboard_markdown(const Json& mean, const Json& spread);
 
 /// All experiment names, in the order `reproduce` runs them.
 const std::vector<std::string>& experiment_names();

@@ -227,7 +227,8 @@ Json run_experiments(const LabConfig& config, const std::vector<std::string>& ex
                : e == "analogy"  ? run_analogy(state, config)
                : e == "cosine"   ? run_cosine(state, config)
                : e == "lr"       ? run_lr(state, config)
-                                 : run_steps(state, config);
+               : e == "steps"    ? run_steps(state, config)
+                                 : run_leaderboard(state, config);
         seconds[e] += elapsed_seconds() - t0;
         per_seed[e].push_back(std::move(r));
       }

@@ -59,6 +59,7 @@ void print_summary(const lab::Json& s) {
                 << pct(l.at("addition_normalized")[i].get<double>()) << ";";
     std::cout << "\n";
   }
+  if (m.contains("leaderboard")) std::cout << lab::leaderboard_markdown(m.at("leaderboard"), sp.at("leaderboard"));
   for (const auto& c : s.at("checks"))
     std::cout << "  [" << (c.at("ok").get<bool>() ? "ok" : "FAIL") << "] " << c.at("check").get<std::string>() << " (value "
               << c.at("value").get<double>() << ", threshold " << c.at("threshold").get<double>() << ")\n";
@@ -107,7 +108,7 @@ int main(int argc, char** argv) {
     sub->add_flag("--skip-pairs", skip_pairs, "addition: only all tasks together, no pairs");
   };
   std::vector<std::pair<CLI::App*, std::vector<std::string>>> subs;
-  auto* reproduce = app.add_subcommand("reproduce", "every experiment: negation, addition, analogy, cosine, lr, steps");
+  auto* reproduce = app.add_subcommand("reproduce", "every experiment: negation, addition, analogy, cosine, lr, steps, leaderboard");
   add_common(reproduce);
   subs.emplace_back(reproduce, lab::experiment_names());
   const std::map<std::string, std::string> help = {
@@ -116,7 +117,8 @@ int main(int argc, char** argv) {
       {"analogy", "sub-population task analogies (Table 4)"},
       {"cosine", "cosine similarity matrix of task vectors (Fig. 5)"},
       {"lr", "fine-tuning learning rate sweep (Fig. 6)"},
-      {"steps", "intermediate task vectors during fine-tuning (Fig. 7)"}};
+      {"steps", "intermediate task vectors during fine-tuning (Fig. 7)"},
+      {"leaderboard", "every merge method on all tasks, hyperparameters chosen on validation (issue 4)"}};
   for (const auto& name : lab::experiment_names()) {
     auto* sub = app.add_subcommand(name, help.at(name));
     add_common(sub);
