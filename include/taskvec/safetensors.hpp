@@ -31,6 +31,8 @@ namespace taskvec {
 
 /// Largest header length N accepted on read and produced on write, in bytes (B2).
 inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
+/// Longest tensor name accepted, in bytes (Error{kInvalidName} beyond; real names are < 200 bytes).
+inline constexpr std::size_t kMaxTensorNameLength = 1024;
 
 /// One tensor entry of a safetensors header. Offsets are relative to the data buffer (byte 8+N).
 struct TensorInfo {

@@ -83,7 +83,8 @@ bool all_finite(const T* v, std::uint64_t n) {
 // picked when the program loads (GCC target_clones). AVX2 has no FMA instruction, so no clone can fuse
 // a * (x - base) + acc (GCC contracts by default in C++): every clone rounds as the baseline does and the
 // output bytes do not depend on the CPU. Never add an FMA-capable target (fma, x86-64-v3, avx512f) here.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// Not under TSan: the ifunc resolver would run before the TSan runtime is up.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_THREAD__)
 #define TASKVEC_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TASKVEC_SIMD_CLONES

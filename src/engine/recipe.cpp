@@ -14,6 +14,9 @@ namespace taskvec {
 
 namespace {
 
+constexpr std::size_t kMaxFilterLength = 1000;  // characters of a filter regex
+
+
 struct Ctx {
   std::string file;
   [[noreturn]] void fail(const YAML::Node& node, const std::string& key, const std::string& what) const {
@@ -133,6 +136,12 @@ RecipeValue parse_value(const Ctx& ctx, const YAML::Node& node, const std::strin
       if (k == "filter") {
         if (!kv.second.IsScalar()) ctx.fail(kv.second, key + ".filter", "expected a regular expression string");
         entry.pattern = kv.second.Scalar();
+        // std::regex compiles and matches recursively: a huge pattern can overflow the stack.
+        if (entry.pattern->size() > kMaxFilterLength) {
+          ctx.fail(kv.second, key + ".filter",
+                   "the regular expression is " + std::to_string(entry.pattern->size()) + " characters long; at most " +
+                       std::to_string(kMaxFilterLength) + " are allowed");
+        }
         try {
           entry.regex = std::regex(*entry.pattern, std::regex::ECMAScript);
         } catch (const std::regex_error& e) {

@@ -5,6 +5,7 @@
 #include <system_error>
 
 #include "format/internal.hpp"
+#include "taskvec/safetensors.hpp"
 
 namespace taskvec::format_detail {
 
@@ -44,6 +45,12 @@ bool is_valid_utf8(std::string_view bytes) noexcept {
 
 std::string name_problem(std::string_view name) {
   if (name.empty()) return "the name is empty";
+  // Real tensor names are under 200 bytes; std::regex (--include, recipe filters) recurses per
+  // character, so a megabyte-long name could overflow the stack.
+  if (name.size() > taskvec::kMaxTensorNameLength) {
+    return "the name is " + std::to_string(name.size()) + " bytes long, over the limit of " +
+           std::to_string(taskvec::kMaxTensorNameLength);
+  }
   for (const char ch : name) {
     const auto c = static_cast<unsigned char>(ch);
     if (c == 0) return "the name contains a NUL character";

@@ -351,7 +351,7 @@ TEST(LinearEditThreads, SameBytesForAnyThreadCountAndChunking) {
     double exact = pre[i] + 0.3 * (x[0][i] - pre[i]) - 0.2 * (x[1][i] - pre[i]) + 0.45 * (x[2][i] - pre[i]);
     double magnitude = std::abs(pre[i]) + 0.3 * std::abs(x[0][i] - pre[i]) + 0.2 * std::abs(x[1][i] - pre[i]) +
                        0.45 * std::abs(x[2][i] - pre[i]);
-    double ulp = std::ldexp(1.0, std::ilogb(exact) - 7);
+    double ulp = exact == 0 ? 0.0 : std::ldexp(1.0, std::ilogb(exact) - 7);
     ASSERT_LE(std::abs(out[i] - exact), 0.5 * ulp + 8 * std::ldexp(magnitude, -24)) << i;
   }
 }

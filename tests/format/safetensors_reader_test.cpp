@@ -144,6 +144,7 @@ std::vector<CorruptCase> catalogue() {
       {"newline_in_name", file_of({entry("a\\n", "F32", "[2]", "[0,8]")}, 8), ErrorCode::kInvalidName},
       {"del_in_name", file_of({entry("a\\u007f", "F32", "[2]", "[0,8]")}, 8), ErrorCode::kInvalidName},
       {"empty_name", file_of({entry("", "F32", "[2]", "[0,8]")}, 8), ErrorCode::kInvalidName},
+      {"name_over_1024_bytes", file_of({entry(std::string(1025, 'n'), "F32", "[2]", "[0,8]")}, 8), ErrorCode::kInvalidName},
   };
 }
 
