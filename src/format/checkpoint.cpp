@@ -310,6 +310,8 @@ std::string Checkpoint::fingerprint() const {
         f.add(bytes.data() + off, kSampleBytes);
       }
     }
+    // The samples fault in (and read ahead) pages this process does not need again: give them back.
+    t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info), n);
   }
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out(16, '0');
