@@ -2,9 +2,14 @@
 // output head. Merging such a checkpoint with one that has its own head must not silently drop or
 // invent a head; see reconcile_tied_embeddings in include/taskvec/engine.hpp.
 #include <array>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include "engine/internal.hpp"
 #include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
 
@@ -59,13 +64,19 @@ ReconciledInputs reconcile_tied_embeddings(const std::vector<const Checkpoint*>&
 
 }  // namespace taskvec
 
-#include <cstdlib>
-#include <fstream>
-#include <nlohmann/json.hpp>
-
-#include "engine/internal.hpp"
 
 namespace taskvec::detail {
+
+std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+std::optional<std::regex> compile_regex(const std::string& pattern, const char* flag) {
+  if (pattern.empty()) return std::nullopt;
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
+  }
+}
 
 ScratchFolder::ScratchFolder() {
   std::string pattern = (std::filesystem::temp_directory_path() / "taskvec-aux-XXXXXX").string();

@@ -1,12 +1,23 @@
 // Internal helpers shared by the engine's two drivers (linear_edit.cpp, merge_driver.cpp).
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
+#include <optional>
+#include <regex>
+#include <string>
 #include <vector>
 
 #include "taskvec/checkpoint.hpp"
 
 namespace taskvec::detail {
+
+/// "[2, 3]" for messages.
+std::string shape_text(const std::vector<std::uint64_t>& shape);
+
+/// An ECMAScript regex for --include/--exclude (`flag` names the option in the error); nullopt for "".
+/// Throws Error{kInvalidArgument} for an invalid pattern.
+std::optional<std::regex> compile_regex(const std::string& pattern, const char* flag);
 
 /// A private folder under the system temp dir (for rewritten auxiliary files), removed with its
 /// contents on destruction. Throws Error{kIo} if it cannot be created.

@@ -26,8 +26,6 @@ constexpr std::uint64_t kBytesPerElementInFlight = 32;  // base + acc + tmp (<= 
 // every pass over them after the decode hits L1, and the mapped input bytes are read from memory once.
 constexpr std::uint64_t kBlockElements = 2048;
 
-std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
 
 enum class DtypePolicy { kBase, kTaskVector };
@@ -62,14 +60,6 @@ bool selected(const std::string& name, const std::optional<std::regex>& include,
   return true;
 }
 
-std::optional<std::regex> compile(const std::string& pattern, const char* flag) {
-  if (pattern.empty()) return std::nullopt;
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
-  }
-}
 
 template <typename T>
 bool all_finite(const T* v, std::uint64_t n) {
@@ -271,8 +261,8 @@ class Engine {
   }
 
   void plan_jobs(EditReport& report) {
-    auto include = compile(options_.include, "--include");
-    auto exclude = compile(options_.exclude, "--exclude");
+    auto include = detail::compile_regex(options_.include, "--include");
+    auto exclude = detail::compile_regex(options_.exclude, "--exclude");
     if (options_.out_dtype && !dtype_is_writable_float(*options_.out_dtype)) {
       throw Error(ErrorCode::kInvalidArgument,
                   fmt::format("--dtype {} is not a float dtype taskvec can write (F32, F16, BF16, F64, F8_E4M3, F8_E5M2)",
@@ -306,8 +296,8 @@ class Engine {
                            std::equal(ts.begin() + 1, ts.end(), bi.shape.begin() + 1);
           if (!rows_only || !options_.merge_extra_rows || !editable) {
             throw Error(ErrorCode::kShapeMismatch,
-                        fmt::format("tensor '{}': shape {} in {} but {} in {}{}", name, shape_text(bi.shape),
-                                    file_of(*job->base), shape_text(ts), file_of(*t),
+                        fmt::format("tensor '{}': shape {} in {} but {} in {}{}", name, detail::shape_text(bi.shape),
+                                    file_of(*job->base), detail::shape_text(ts), file_of(*t),
                                     rows_only && editable ? " (--merge-extra-rows combines the rows both have and "
                                                             "copies the extra rows)"
                                                           : ""));

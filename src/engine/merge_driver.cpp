@@ -21,16 +21,6 @@
 namespace taskvec {
 namespace {
 
-std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
-std::optional<std::regex> compile(const std::string& pattern, const char* flag) {
-  if (pattern.empty()) return std::nullopt;
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
-  }
-}
 
 struct MergeJob {
   const CheckpointTensor* ref = nullptr;             // layout reference (base, or first model)
@@ -117,8 +107,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   if (options.out_dtype && !dtype_is_writable_float(*options.out_dtype))
     throw Error(ErrorCode::kInvalidArgument, fmt::format("--dtype {} is not a float dtype taskvec can write",
                                                          dtype_name(*options.out_dtype)));
-  const auto include = compile(options.include, "--include");
-  const auto exclude = compile(options.exclude, "--exclude");
+  const auto include = detail::compile_regex(options.include, "--include");
+  const auto exclude = detail::compile_regex(options.exclude, "--exclude");
 
   // ---- open inputs ----
   std::optional<Checkpoint> base;
@@ -156,8 +146,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                                            ref.path().string(), other->path().string()));
       if (t->info->shape != r->info->shape)
         throw Error(ErrorCode::kShapeMismatch, fmt::format("tensor '{}': shape {} in {} but {} in {}", name,
-                                                           shape_text(r->info->shape), ref.path().string(),
-                                                           shape_text(t->info->shape), other->path().string()));
+                                                           detail::shape_text(r->info->shape), ref.path().string(),
+                                                           detail::shape_text(t->info->shape), other->path().string()));
       if (dtype_is_editable(r->info->dtype) && !dtype_is_editable(t->info->dtype))
         throw Error(ErrorCode::kDtypeMismatch, fmt::format("tensor '{}': dtype {} in {} cannot be merged with {} in {}", name,
                                                            dtype_name(r->info->dtype), ref.path().string(),
