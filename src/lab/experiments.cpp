@@ -12,15 +12,6 @@ namespace {
 
 using Terms = std::vector<std::pair<std::filesystem::path, double>>;
 
-double mean(const std::vector<double>& v) {
-  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-}
-
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3f", v);
-  return buf;
-}
 
 // Index of the best value; ties go to the earlier (smaller) lambda.
 std::size_t argmax(const std::vector<double>& v) {
@@ -135,9 +126,9 @@ Json run_negation(SeedState& s, const LabConfig& c) {
       curve_target[i] += val_target[i] / static_cast<double>(c.tasks.size());
       curve_control[i] += val_control[i] / static_cast<double>(c.tasks.size());
     }
-    progress("seed " + std::to_string(s.seed()) + ": negation " + task + ": lambda " + fmt(lambda) + ", target " +
-             fmt(pre_t.back()) + " -> " + fmt(neg[0]) + ", control " + fmt(pre_c.back()) + " -> " + fmt(neg[1]) +
-             ", random vector target " + fmt(rnd[0]));
+    progress("seed " + std::to_string(s.seed()) + ": negation " + task + ": lambda " + fixed3(lambda) + ", target " +
+             fixed3(pre_t.back()) + " -> " + fixed3(neg[0]) + ", control " + fixed3(pre_c.back()) + " -> " + fixed3(neg[1]) +
+             ", random vector target " + fixed3(rnd[0]));
   }
   Json summary = {{"pretrained_target", mean(pre_t)}, {"pretrained_control", mean(pre_c)},
                   {"finetuned_target", mean(ft_t)},   {"finetuned_control", mean(ft_c)},
@@ -183,8 +174,8 @@ Json run_addition(SeedState& s, const LabConfig& c) {
                      {"all_per_task_pretrained", pre_abs}, {"all_per_task_finetuned", ft_abs},
                      {"all_val_curve_normalized", r.curve}};
     }
-    progress("seed " + std::to_string(s.seed()) + ": addition " + join(subset, "+") + ": lambda " + fmt(r.lambda) +
-             ", normalized test accuracy " + fmt(mean(r.test_norm)) + " (pretrained " + fmt(mean(pre_norm)) + ")");
+    progress("seed " + std::to_string(s.seed()) + ": addition " + join(subset, "+") + ": lambda " + fixed3(r.lambda) +
+             ", normalized test accuracy " + fixed3(mean(r.test_norm)) + " (pretrained " + fixed3(mean(pre_norm)) + ")");
   }
   Json summary = all_summary;
   summary["pairs_normalized"] = mean(pair_norm);
@@ -245,7 +236,7 @@ Json run_analogy(SeedState& s, const LabConfig& c) {
         two_v.push_back(two);
         noa_v.push_back(no_a);
         progress("seed " + std::to_string(s.seed()) + ": analogy " + target + " (axis " + axis + "): pretrained " +
-                 fmt(pre) + ", analogy(lambda=1) " + fmt(a1) + ", lambda on val " + fmt(aval) + ", fine-tuned " + fmt(ft));
+                 fixed3(pre) + ", analogy(lambda=1) " + fixed3(a1) + ", lambda on val " + fixed3(aval) + ", fine-tuned " + fixed3(ft));
       }
     }
     auto tail_mean = [&](const std::vector<double>& v) { return mean(std::vector<double>(v.begin() + static_cast<std::ptrdiff_t>(first), v.end())); };
@@ -276,8 +267,8 @@ Json run_cosine(SeedState& s, const LabConfig& c) {
     }
   Json summary = {{"matrix", rep.cosine}, {"norms", rep.norms}, {"related_mean", mean(related)},
                   {"unrelated_mean", mean(unrelated)}, {"offdiagonal_mean", mean(all)}};
-  progress("seed " + std::to_string(s.seed()) + ": cosine: related " + fmt(mean(related)) + ", unrelated " +
-           fmt(mean(unrelated)));
+  progress("seed " + std::to_string(s.seed()) + ": cosine: related " + fixed3(mean(related)) + ", unrelated " +
+           fixed3(mean(unrelated)));
   return {{"summary", summary}, {"tasks", c.tasks}};
 }
 
@@ -301,8 +292,8 @@ Json run_lr(SeedState& s, const LabConfig& c) {
     norms.push_back(mean(rep.norms));
     detail.push_back({{"lr", lr}, {"single_task_test", acc}, {"pairs_normalized", pn}, {"all_lambda", r.lambda},
                       {"all_normalized", r.test_norm}, {"tau_norms", rep.norms}});
-    progress("seed " + std::to_string(s.seed()) + ": lr " + fmt(lr * 1e4) + "e-4: single-task " + fmt(single.back()) +
-             ", pairs normalized " + fmt(pairs.back()) + ", all normalized " + fmt(all.back()));
+    progress("seed " + std::to_string(s.seed()) + ": lr " + fixed3(lr * 1e4) + "e-4: single-task " + fixed3(single.back()) +
+             ", pairs normalized " + fixed3(pairs.back()) + ", all normalized " + fixed3(all.back()));
   }
   Json summary = {{"lrs", c.lrs}, {"single_task", single}, {"pairs_normalized", pairs}, {"all_normalized", all},
                   {"all_absolute", all_abs}, {"mean_tau_norm", norms}};
@@ -335,7 +326,7 @@ Json run_steps(SeedState& s, const LabConfig& c) {
     detail.push_back({{"step", step}, {"cosine_to_final", cos}, {"single_task_test", single}, {"addition_lambda", r.lambda},
                       {"addition_normalized", r.test_norm}});
     progress("seed " + std::to_string(s.seed()) + ": step " + std::to_string(step) + ": cosine to final " +
-             fmt(cos_mean.back()) + ", single-task " + fmt(single_mean.back()) + ", addition normalized " + fmt(add_norm.back()));
+             fixed3(cos_mean.back()) + ", single-task " + fixed3(single_mean.back()) + ", addition normalized " + fixed3(add_norm.back()));
   }
   Json summary = {{"steps", steps}, {"cosine_to_final", cos_mean}, {"single_task", single_mean},
                   {"addition_normalized", add_norm}, {"addition_absolute", add_abs}};

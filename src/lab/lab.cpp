@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <numeric>
 #include <sstream>
 
 #include "taskvec/error.hpp"
@@ -80,6 +81,16 @@ void progress(const std::string& message) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1fs", elapsed_seconds());
   std::cerr << "[taskvec-lab " << buf << "] " << message << std::endl;
+}
+
+double mean(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+}
+
+std::string fixed3(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", v);
+  return buf;
 }
 
 std::map<std::string, Task> build_tasks(const Sources& s, const LabConfig& c) {

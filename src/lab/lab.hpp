@@ -69,6 +69,10 @@ std::map<std::string, Task> build_tasks(const Sources& sources, const LabConfig&
 double elapsed_seconds();
 /// A progress line on stderr: "[taskvec-lab 12.3s] message".
 void progress(const std::string& message);
+/// Mean of `v` (0 for an empty vector).
+double mean(const std::vector<double>& v);
+/// `v` with 3 decimals, for progress lines.
+std::string fixed3(double v);
 
 /// Lazily built per-seed state; every file goes through taskvec's writer, reader and engine.
 class SeedState {

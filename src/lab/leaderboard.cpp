@@ -30,15 +30,6 @@ std::string leaderboard_markdown(const Json& mean, const Json& spread);
 
 namespace {
 
-double mean(const std::vector<double>& v) {
-  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-}
-
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3f", v);
-  return buf;
-}
 
 // A YAML number: shortest round-trip-ish form of grid values such as 0.1 or 1.25.
 std::string yaml_number(double v) {
@@ -209,8 +200,8 @@ Json run_leaderboard(SeedState& s, const LabConfig& c, const LeaderboardGrids& g
                     {"per_task_absolute", test.abs}, {"per_task_normalized", test.norm},
                     {"val_normalized", val_norm}, {"hyperparameters", hyper}, {"merges", merges}};
     order.push_back(key);
-    progress("seed " + std::to_string(s.seed()) + ": leaderboard " + key + ": test absolute " + fmt(mean(test.abs)) +
-             ", normalized " + fmt(mean(test.norm)) + " (val normalized " + fmt(val_norm) + ", " + hyper.dump() + ")");
+    progress("seed " + std::to_string(s.seed()) + ": leaderboard " + key + ": test absolute " + fixed3(mean(test.abs)) +
+             ", normalized " + fixed3(mean(test.norm)) + " (val normalized " + fixed3(val_norm) + ", " + hyper.dump() + ")");
   };
 
   {  // reference rows

@@ -14,16 +14,7 @@ namespace {
 
 TEST(Experiments, TinyEndToEnd) {
   TASKVEC_LAB_REQUIRE_DATA(paths);
-  auto c = LabConfig::make(true);
-  c.data = paths;
-  c.seeds = 1;
-  c.pretrain_steps = 20;
-  c.finetune_steps = 20;
-  c.checkpoint_every = 10;
-  c.val_cap = 64;
-  c.test_cap = 64;
-  c.train_cap = 1000;
-  c.tasks = {"mnist", "fashion_rot90"};
+  auto c = testing::tiny_config(paths);
   c.analogy_axes = {"lowres"};
   c.lrs = {3e-4, 1e-3};
   c.grid = {0.0, 0.5, 1.0};

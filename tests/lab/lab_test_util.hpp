@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "lab/data.hpp"
+#include "lab/lab.hpp"
 
 namespace taskvec::lab::testing {
 
@@ -24,6 +25,22 @@ inline bool find_data(DataPaths& paths, std::string& missing) {
     (void)std::system(cmd.c_str());
   }
   return data_available(paths, &missing);
+}
+
+/// The --quick configuration shrunk to a few seconds: 1 seed, 20 steps, 64 val/test images, two
+/// unrelated tasks (MNIST and rotated Fashion-MNIST). Tests adjust the rest.
+inline LabConfig tiny_config(const DataPaths& paths) {
+  auto c = LabConfig::make(true);
+  c.data = paths;
+  c.seeds = 1;
+  c.pretrain_steps = 20;
+  c.finetune_steps = 20;
+  c.checkpoint_every = 10;
+  c.val_cap = 64;
+  c.test_cap = 64;
+  c.train_cap = 1000;
+  c.tasks = {"mnist", "fashion_rot90"};
+  return c;
 }
 
 #define TASKVEC_LAB_REQUIRE_DATA(paths)                                                   \

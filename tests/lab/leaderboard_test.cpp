@@ -28,16 +28,7 @@ void check_unit(const Json& v, const std::string& what) {
 
 TEST(Leaderboard, TinyTwoMethods) {
   TASKVEC_LAB_REQUIRE_DATA(paths);
-  auto c = LabConfig::make(true);
-  c.data = paths;
-  c.seeds = 1;
-  c.pretrain_steps = 20;
-  c.finetune_steps = 20;
-  c.checkpoint_every = 10;
-  c.val_cap = 64;
-  c.test_cap = 64;
-  c.train_cap = 1000;
-  c.tasks = {"mnist", "fashion_rot90"};
+  auto c = testing::tiny_config(paths);
   const auto base = std::filesystem::temp_directory_path() / ("taskvec_lab_board_" + std::to_string(::getpid()));
   const Sources sources = load_sources(c.data);
   const auto tasks = build_tasks(sources, c);
