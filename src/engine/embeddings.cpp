@@ -69,6 +69,8 @@ namespace taskvec::detail {
 
 std::string shape_text(const std::vector<std::uint64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
+namespace {
+
 std::optional<std::regex> compile_regex(const std::string& pattern, const char* flag) {
   if (pattern.empty()) return std::nullopt;
   try {
@@ -76,6 +78,17 @@ std::optional<std::regex> compile_regex(const std::string& pattern, const char* 
   } catch (const std::regex_error& e) {
     throw Error(ErrorCode::kInvalidArgument, fmt::format("{} '{}' is not a valid regular expression: {}", flag, pattern, e.what()));
   }
+}
+
+}  // namespace
+
+TensorFilter::TensorFilter(const std::string& include, const std::string& exclude)
+    : include_(compile_regex(include, "--include")), exclude_(compile_regex(exclude, "--exclude")) {}
+
+bool TensorFilter::selects(const std::string& name) const {
+  if (include_ && !std::regex_search(name, *include_)) return false;
+  if (exclude_ && std::regex_search(name, *exclude_)) return false;
+  return true;
 }
 
 ScratchFolder::ScratchFolder() {

@@ -15,9 +15,17 @@ namespace taskvec::detail {
 /// "[2, 3]" for messages.
 std::string shape_text(const std::vector<std::uint64_t>& shape);
 
-/// An ECMAScript regex for --include/--exclude (`flag` names the option in the error); nullopt for "".
-/// Throws Error{kInvalidArgument} for an invalid pattern.
-std::optional<std::regex> compile_regex(const std::string& pattern, const char* flag);
+/// --include / --exclude (EditOptions): a tensor is selected when its name matches `include` (if
+/// given) and does not match `exclude` (if given); ECMAScript, std::regex_search. The constructor
+/// throws Error{kInvalidArgument} naming the flag for an invalid pattern.
+class TensorFilter {
+ public:
+  TensorFilter(const std::string& include, const std::string& exclude);
+  bool selects(const std::string& name) const;
+
+ private:
+  std::optional<std::regex> include_, exclude_;
+};
 
 /// A private folder under the system temp dir (for rewritten auxiliary files), removed with its
 /// contents on destruction. Throws Error{kIo} if it cannot be created.

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <regex>
 #include <set>
 
 #include <fmt/format.h>
@@ -54,11 +53,6 @@ struct Item {
   std::uint64_t count;
 };
 
-bool selected(const std::string& name, const std::optional<std::regex>& include, const std::optional<std::regex>& exclude) {
-  if (include && !std::regex_search(name, *include)) return false;
-  if (exclude && std::regex_search(name, *exclude)) return false;
-  return true;
-}
 
 
 template <typename T>
@@ -261,8 +255,7 @@ class Engine {
   }
 
   void plan_jobs(EditReport& report) {
-    auto include = detail::compile_regex(options_.include, "--include");
-    auto exclude = detail::compile_regex(options_.exclude, "--exclude");
+    const detail::TensorFilter filter(options_.include, options_.exclude);
     if (options_.out_dtype && !dtype_is_writable_float(*options_.out_dtype)) {
       throw Error(ErrorCode::kInvalidArgument,
                   fmt::format("--dtype {} is not a float dtype taskvec can write (F32, F16, BF16, F64, F8_E4M3, F8_E5M2)",
@@ -270,7 +263,6 @@ class Engine {
     }
     const std::string base_file = base_.path().string();
     for (const auto& term : terms_) {
-      if (term.input == nullptr) throw Error(ErrorCode::kInternal, "linear_edit: null input checkpoint");
       for (const auto& name : term.input->tensor_names()) {
         if (base_.find(name) == nullptr) {
           throw Error(ErrorCode::kTensorMissing,
@@ -347,7 +339,7 @@ class Engine {
         job->out = bi.dtype;
         job->compute = false;
       } else {
-        job->apply_terms = selected(name, include, exclude);
+        job->apply_terms = filter.selects(name);
         if (options_.out_dtype) {
           job->out = *options_.out_dtype;
         } else if (policy_ == DtypePolicy::kTaskVector) {

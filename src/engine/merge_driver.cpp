@@ -8,7 +8,6 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
-#include <regex>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -107,8 +106,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   if (options.out_dtype && !dtype_is_writable_float(*options.out_dtype))
     throw Error(ErrorCode::kInvalidArgument, fmt::format("--dtype {} is not a float dtype taskvec can write",
                                                          dtype_name(*options.out_dtype)));
-  const auto include = detail::compile_regex(options.include, "--include");
-  const auto exclude = detail::compile_regex(options.exclude, "--exclude");
+  const detail::TensorFilter filter(options.include, options.exclude);
 
   // ---- open inputs ----
   std::optional<Checkpoint> base;
@@ -173,7 +171,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     const TensorInfo& info = *job.ref->info;
     job.elements = info.num_elements();
     const bool editable = dtype_is_editable(info.dtype);
-    const bool chosen = (!include || std::regex_search(name, *include)) && !(exclude && std::regex_search(name, *exclude));
+    const bool chosen = filter.selects(name);
     job.out = editable && out_dtype ? *out_dtype : info.dtype;
     if (!editable || !chosen) {
       job.kind = job.out == info.dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;

@@ -2,10 +2,10 @@
 // 64 Ki-element chunk produces f64 partial sums, combined in chunk order, so the result is the same for
 // any thread count.
 #include <cmath>
-#include <regex>
 
 #include <fmt/format.h>
 
+#include "engine/internal.hpp"
 #include "engine/parallel.hpp"
 #include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
@@ -28,13 +28,7 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
   const std::size_t n = models.size();
   if (n == 0) throw Error(ErrorCode::kInvalidArgument, "similarity needs at least one model or task vector");
   const Checkpoint& first = pretrained ? *pretrained : *models.front().second;
-  std::optional<std::regex> include, exclude;
-  try {
-    if (!options.include.empty()) include.emplace(options.include);
-    if (!options.exclude.empty()) exclude.emplace(options.exclude);
-  } catch (const std::regex_error& e) {
-    throw Error(ErrorCode::kInvalidArgument, fmt::format("--include/--exclude is not a valid regular expression: {}", e.what()));
-  }
+  const detail::TensorFilter filter(options.include, options.exclude);
 
   // Check every input against the reference tensor set before reading any data.
   std::vector<Chunk> chunks;
@@ -52,8 +46,7 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
       }
     }
     if (!dtype_is_editable(ref.info->dtype)) continue;
-    if (include && !std::regex_search(name, *include)) continue;
-    if (exclude && std::regex_search(name, *exclude)) continue;
+    if (!filter.selects(name)) continue;
     bool all_float = true;
     for (const auto& [label, model] : models) all_float = all_float && dtype_is_editable(model->at(name).info->dtype);
     if (!all_float) continue;
