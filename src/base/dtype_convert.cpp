@@ -15,6 +15,7 @@
 #include <cstring>
 #include <string>
 
+#include "base/simd_clones.hpp"
 #include "taskvec/dtype.hpp"
 #include "taskvec/error.hpp"
 
@@ -243,6 +244,26 @@ void encode16(const float* __restrict s, std::byte* __restrict d, std::size_t n)
   for (; i < n; ++i) store_u16(d + 2 * i, Encode(s[i]));
 }
 
+// The BF16 / F16 kernels once more, each as one function compiled for the baseline and for AVX2
+// (8 lanes instead of 4). Integer operations and one f32 addition (F16 subnormals), no FMA: every
+// clone gives the same bytes (base/simd_clones.hpp). `flatten` inlines the element codecs into each clone.
+TASKVEC_SIMD_CLONES __attribute__((flatten)) void decode_bf16(const std::byte* __restrict s, float* __restrict d,
+                                                             std::size_t n) noexcept {
+  decode16<bf16_decode>(s, d, n);
+}
+TASKVEC_SIMD_CLONES __attribute__((flatten)) void encode_bf16(const float* __restrict s, std::byte* __restrict d,
+                                                             std::size_t n) noexcept {
+  encode16<bf16_encode>(s, d, n);
+}
+TASKVEC_SIMD_CLONES __attribute__((flatten)) void decode_f16(const std::byte* __restrict s, float* __restrict d,
+                                                            std::size_t n) noexcept {
+  decode16<f16_decode>(s, d, n);
+}
+TASKVEC_SIMD_CLONES __attribute__((flatten)) void encode_f16(const float* __restrict s, std::byte* __restrict d,
+                                                            std::size_t n) noexcept {
+  encode16<f16_encode>(s, d, n);
+}
+
 }  // namespace
 
 // ---- scalar ----
@@ -276,10 +297,10 @@ void decode_to_f32(DType dtype, const std::byte* src, float* dst, std::size_t n)
   float* __restrict d = dst;
   switch (dtype) {
     case DType::kBF16:
-      decode16<bf16_decode>(s, d, n);
+      decode_bf16(s, d, n);
       return;
     case DType::kF16:
-      decode16<f16_decode>(s, d, n);
+      decode_f16(s, d, n);
       return;
     case DType::kF32:
       if constexpr (kBigEndian) {
@@ -309,10 +330,10 @@ void encode_from_f32(DType dtype, const float* src, std::byte* dst, std::size_t 
   std::byte* __restrict d = dst;
   switch (dtype) {
     case DType::kBF16:
-      encode16<bf16_encode>(s, d, n);
+      encode_bf16(s, d, n);
       return;
     case DType::kF16:
-      encode16<f16_encode>(s, d, n);
+      encode_f16(s, d, n);
       return;
     case DType::kF32:
       if constexpr (kBigEndian) {
