@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
+#include <string>
 
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
@@ -75,27 +75,48 @@ void merge_slerp(const MergeTensor& in, std::span<float> out) {
 
 namespace {
 
-// taskvec parallelises over tensors; an OpenBLAS-backed LAPACK would also start its own threads for
-// every SVD, oversubscribing the cores (they spin in sched_yield) and making the rounding depend on the
-// machine's core count. Pin it to one thread when that LAPACK is OpenBLAS (looked up at run time, so
-// any other LAPACK works unchanged).
-void single_threaded_blas() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    using SetThreads = void (*)(int);
-    if (auto* f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(1);
-  });
-}
-
-// BLAS dgemm (Fortran ABI) from the LAPACK already loaded, looked up at run time because only LAPACKE is
-// linked; plain loops when absent. Row-major c (m x n) = a[:, :kk] (row stride lda) * diag(scale) * b (kk x n).
+// LAPACK is loaded on first use, by the SVD methods only. Linked at build time, OpenBLAS would start its
+// thread pool when any taskvec command loads, and those threads spin in sched_yield for their first
+// ~0.1 s, taking a core from the streaming workers of every edit (measured in docs/BENCHMARKS.md).
+// taskvec also parallelises over tensors itself: an OpenBLAS-backed LAPACK would start its own threads
+// for every SVD, oversubscribing the cores and making the rounding depend on the machine's core count,
+// so it is pinned to one thread when it is OpenBLAS (any other LAPACK works unchanged).
+// BLAS dgemm has the Fortran ABI; LAPACKE has no wrapper for it.
 using Dgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                        const int*, const double*, const int*, const double*, double*, const int*, std::size_t,
                        std::size_t);
+struct Lapack {
+  decltype(&LAPACKE_dgesdd) gesdd = nullptr;
+  Dgemm gemm = nullptr;  // may be absent: plain loops then
+};
 
+const Lapack& lapack() {
+  static const Lapack loaded = [] {
+    std::string errors;
+    void* handle = nullptr;
+    for (const char* name : {"liblapacke.so.3", "liblapacke.so"}) {
+      handle = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (handle != nullptr) break;
+      if (const char* e = ::dlerror()) errors += std::string(errors.empty() ? "" : "; ") + e;
+    }
+    Lapack l;
+    if (handle != nullptr) l.gesdd = reinterpret_cast<decltype(&LAPACKE_dgesdd)>(::dlsym(handle, "LAPACKE_dgesdd"));
+    if (l.gesdd == nullptr) {
+      throw Error(ErrorCode::kUnsupported, "the SVD merge methods (tsv_merge, iso_c) need LAPACKE (Debian: liblapacke), "
+                                           "which could not be loaded: " + errors);
+    }
+    l.gemm = reinterpret_cast<Dgemm>(::dlsym(handle, "dgemm_"));
+    using SetThreads = void (*)(int);
+    if (auto* f = reinterpret_cast<SetThreads>(::dlsym(handle, "openblas_set_num_threads"))) f(1);
+    return l;
+  }();
+  return loaded;
+}
+
+// Row-major c (m x n) = a[:, :kk] (row stride lda) * diag(scale) * b (kk x n).
 std::vector<double> scaled_product(const std::vector<double>& a, int lda, const std::vector<double>& scale,
                                    const std::vector<double>& b, int m, int kk, int n) {
-  static const auto gemm = reinterpret_cast<Dgemm>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  const Dgemm gemm = lapack().gemm;
   std::vector<double> as(static_cast<std::size_t>(m) * kk);
   for (int i = 0; i < m; ++i)
     for (int k = 0; k < kk; ++k) as[static_cast<std::size_t>(i) * kk + k] = a[static_cast<std::size_t>(i) * lda + k] * scale[k];
@@ -120,12 +141,12 @@ std::vector<double> scaled_product(const std::vector<double>& a, int lda, const 
 
 // Row-major thin SVD: a (m x n) = u (m x r) diag(s) vt (r x n), r = min(m, n). `a` is destroyed.
 void svd(std::vector<double>& a, int m, int n, std::vector<double>& u, std::vector<double>& s, std::vector<double>& vt) {
-  single_threaded_blas();
+  const Lapack& lib = lapack();
   const int r = std::min(m, n);
   u.assign(static_cast<std::size_t>(m) * r, 0.0);
   s.assign(r, 0.0);
   vt.assign(static_cast<std::size_t>(r) * n, 0.0);
-  const lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', m, n, a.data(), n, s.data(), u.data(), r, vt.data(), n);
+  const lapack_int info = lib.gesdd(LAPACK_ROW_MAJOR, 'S', m, n, a.data(), n, s.data(), u.data(), r, vt.data(), n);
   if (info != 0)
     throw Error(ErrorCode::kInternal, "LAPACKE_dgesdd failed (info " + std::to_string(info) + ")");
 }
