@@ -26,6 +26,11 @@ struct CheckpointTensor {
   const TensorInfo* info = nullptr;
   const SafetensorsFile* shard = nullptr;
   std::span<const std::byte> bytes() const noexcept { return shard->tensor_bytes(*info); }
+  /// Copies the tensor's bytes [byte_offset, byte_offset + dst.size()) into `dst` with pread(2): no
+  /// page of the input is mapped into the process (the page cache holds it), which is how the engine
+  /// streams (docs/ARCHITECTURE.md). Thread-safe. Throws Error{kInvalidArgument} when the range is not
+  /// inside the tensor, Error{kIo} naming the file when the read fails.
+  void read(std::uint64_t byte_offset, std::span<std::byte> dst) const;
 };
 
 /// A read-only, validated checkpoint. Opening maps the shards and validates every header and the

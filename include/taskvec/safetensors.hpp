@@ -16,6 +16,7 @@
 // with the ErrorCode each one raises.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -85,10 +86,15 @@ class MappedFile {
   /// Releases the pages of [offset, offset+length) from this process (MADV_DONTNEED); the page cache
   /// keeps them. Used after a chunk is consumed so resident memory stays bounded. Never throws.
   void advise_dontneed(std::uint64_t offset, std::uint64_t length) const noexcept;
+  /// Copies bytes [offset, offset + dst.size()) of the file into `dst` with pread(2), not through the
+  /// mapping: no page faults, no pages mapped into this process. Thread-safe. Throws Error{kIo} naming
+  /// the path on a read error or when the range ends past the file (e.g. it shrank after opening).
+  void read_at(std::uint64_t offset, std::span<std::byte> dst) const;
 
  private:
   const std::byte* data_ = nullptr;
   std::uint64_t size_ = 0;
+  int fd_ = -1;
   std::filesystem::path path_;
 };
 
@@ -149,15 +155,20 @@ struct SafetensorsLayout {
 /// thread-safe (pwrite). ENOSPC/EFBIG raise Error{kDiskFull}; other failures Error{kIo}.
 class AtomicFile {
  public:
-  /// Creates the temp file and reserves `size` bytes (posix_fallocate, so a full disk fails early).
+  /// Creates the temp file and reserves `size` bytes (posix_fallocate, so a full disk fails early; on
+  /// tmpfs, where fallocate would zero every page, a free-space check and ftruncate instead).
   AtomicFile(std::filesystem::path path, std::uint64_t size);
   AtomicFile(AtomicFile&&) noexcept;
   AtomicFile& operator=(AtomicFile&&) = delete;
   AtomicFile(const AtomicFile&) = delete;
   ~AtomicFile();
 
+  /// pwrite of `bytes` at `offset`. Every kWritebackBytes written, starts the write-back of the file's
+  /// dirty pages (sync_file_range, SYNC_FILE_RANGE_WRITE: no wait) so the disk writes during the
+  /// stream and the fsync of commit() finds little left to do.
   void write_at(std::uint64_t offset, std::span<const std::byte> bytes) const;
   void commit();
+  static constexpr std::uint64_t kWritebackBytes = std::uint64_t{32} << 20;
   const std::filesystem::path& path() const noexcept { return path_; }
   const std::filesystem::path& temp_path() const noexcept { return temp_path_; }
 
@@ -166,6 +177,7 @@ class AtomicFile {
   std::filesystem::path temp_path_;
   int fd_ = -1;
   bool committed_ = false;
+  mutable std::atomic<std::uint64_t> unsynced_{0};  // bytes written since the last write-back start
 };
 
 /// Writes one safetensors file: header at construction, tensor data by write_tensor(), then commit().

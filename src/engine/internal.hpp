@@ -12,6 +12,24 @@
 
 namespace taskvec::detail {
 
+/// Bytes read per pread when a tensor range is decoded piecewise (read_decoded): 256 KiB, so that the
+/// staged bytes stay in the L2 cache while they are decoded.
+inline constexpr std::uint64_t kReadPieceBytes = std::uint64_t{1} << 18;
+
+/// Reads elements [begin, begin + count) of `t` (any editable float dtype) and decodes them into
+/// dst[0..count) as f32 / f64 (exact widening, docs/NUMERICS.md), reading at most kReadPieceBytes at a
+/// time into `staging` (grown as needed, reusable across calls). Throws as CheckpointTensor::read.
+void read_decoded(const CheckpointTensor& t, std::uint64_t begin, std::uint64_t count, float* dst,
+                  std::vector<std::byte>& staging);
+void read_decoded(const CheckpointTensor& t, std::uint64_t begin, std::uint64_t count, double* dst,
+                  std::vector<std::byte>& staging);
+
+/// Copies bytes [byte_begin, byte_begin + byte_count) of `t` unchanged to the same offsets of output
+/// tensor (shard, index) of `writer`, kReadPieceBytes at a time through `staging`. Throws as
+/// CheckpointTensor::read and CheckpointWriter::write.
+void copy_tensor_bytes(const CheckpointTensor& t, std::uint64_t byte_begin, std::uint64_t byte_count,
+                       const CheckpointWriter& writer, std::size_t shard, std::size_t index, std::vector<std::byte>& staging);
+
 /// "[2, 3]" for messages.
 std::string shape_text(const std::vector<std::uint64_t>& shape);
 

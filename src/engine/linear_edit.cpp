@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "base/simd_clones.hpp"
 #include "engine/internal.hpp"
 #include "engine/parallel.hpp"
 #include "taskvec/engine.hpp"
@@ -19,11 +20,13 @@
 namespace taskvec {
 namespace {
 
-constexpr std::uint64_t kMaxChunkElements = 1u << 18;  // one madvise/pwrite per input per 256 Ki elements
-constexpr std::uint64_t kBytesPerElementInFlight = 32;  // base + acc + tmp (<= 8 B each) + output (<= 8 B)
+// A chunk is at most 64 Ki elements: its staged input bytes (4 BF16 inputs: 512 KiB) stay in the L2
+// cache from the pread that copies them out of the page cache to their decode.
+constexpr std::uint64_t kMaxChunkElements = 1u << 16;
 // A chunk is computed in blocks whose decoded base, accumulator and input (3 x 8 KiB in f32) stay in L1:
-// every pass over them after the decode hits L1, and the mapped input bytes are read from memory once.
+// every pass over them after the decode hits L1.
 constexpr std::uint64_t kBlockElements = 2048;
+constexpr std::uint64_t kLaneBytes = 3 * kBlockElements * sizeof(double);  // Lanes<float> + Lanes<double>, at most
 
 std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
 
@@ -63,17 +66,8 @@ bool all_finite(const T* v, std::uint64_t n) {
   return ok;
 }
 
-// acc += a * (x - base) and acc += a * x over one block. The f32 versions are also compiled for AVX2 and
-// picked when the program loads (GCC target_clones). AVX2 has no FMA instruction, so no clone can fuse
-// a * (x - base) + acc (GCC contracts by default in C++): every clone rounds as the baseline does and the
-// output bytes do not depend on the CPU. Never add an FMA-capable target (fma, x86-64-v3, avx512f) here.
-// Not under TSan: the ifunc resolver would run before the TSan runtime is up.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_THREAD__)
-#define TASKVEC_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TASKVEC_SIMD_CLONES
-#endif
-
+// acc += a * (x - base) and acc += a * x over one block. The f32 versions are also compiled for AVX2
+// (base/simd_clones.hpp: no FMA, so the bytes do not depend on the CPU).
 template <typename T>
 void add_relative(T* __restrict acc, const T* __restrict x, const T* __restrict base, T a, std::uint64_t n) {
   for (std::uint64_t i = 0; i < n; ++i) acc[i] += a * (x[i] - base[i]);
@@ -137,6 +131,8 @@ struct Buffers {
   Lanes<float> f32;
   Lanes<double> f64;
   std::vector<std::byte> out;
+  std::vector<std::byte> staged;  // the chunk's input bytes, read with pread
+  std::vector<const std::byte*> sources;  // where each input's bytes start in `staged`
   template <typename T>
   Lanes<T>& lanes() {
     if constexpr (std::is_same_v<T, float>) {
@@ -174,14 +170,26 @@ class Engine {
       job->index = index;
     }
     threads_ = detail::resolve_threads(options_.threads);
-    chunk_elements_ = std::clamp<std::uint64_t>(options_.memory_budget / (std::uint64_t(threads_) * kBytesPerElementInFlight),
-                                                1024, kMaxChunkElements);
+    // Bytes per element of a chunk in flight on one worker: the staged input bytes and the encoded
+    // output (and, for --merge-extra-rows, three decoded vectors).
+    std::uint64_t per_element = 1;
     std::uint64_t largest = 1;  // no buffer is larger than the largest computed tensor
     for (const auto& job : jobs_) {
-      if (job->compute) largest = std::max(largest, job->elements);
+      if (!job->compute) continue;
+      largest = std::max(largest, job->elements);
+      std::uint64_t bytes = dtype_bits(job->base->info->dtype) / 8 + dtype_bits(job->out) / 8;
+      if (job->apply_terms) {
+        for (const CheckpointTensor* t : job->inputs) bytes += dtype_bits(t->info->dtype) / 8;
+      }
+      if (job->resized) bytes += 3 * (job->wide ? sizeof(double) : sizeof(float));
+      per_element = std::max(per_element, bytes);
     }
+    const std::uint64_t fixed = kLaneBytes + detail::kReadPieceBytes;  // lanes; staging of copies and decodes
+    const std::uint64_t per_worker = options_.memory_budget / threads_;
+    chunk_elements_ = std::clamp<std::uint64_t>(per_worker > fixed ? (per_worker - fixed) / per_element : 0, 1024,
+                                                kMaxChunkElements);
     chunk_elements_ = std::min(chunk_elements_, largest);
-    report.peak_chunk_bytes = std::uint64_t(threads_) * chunk_elements_ * kBytesPerElementInFlight;
+    report.peak_chunk_bytes = std::uint64_t(threads_) * (chunk_elements_ * per_element + fixed);
     if (options_.dry_run) {
       report.seconds = seconds_since(start);
       return report;
@@ -216,9 +224,7 @@ class Engine {
           Job& job = *jobs_[item.job];
           std::uint64_t read = 0, written = 0;
           if (!job.compute) {
-            auto bytes = job.base->bytes().subspan(item.begin, item.count);
-            writer.write(job.shard, job.index, item.begin, bytes);
-            release(*job.base, item.begin, item.count);
+            detail::copy_tensor_bytes(*job.base, item.begin, item.count, writer, job.shard, job.index, buffers[worker].staged);
             read = written = item.count;
           } else if (job.resized) {
             if (job.wide) {
@@ -382,10 +388,6 @@ class Engine {
     return items;
   }
 
-  void release(const CheckpointTensor& t, std::uint64_t byte_begin, std::uint64_t byte_count) const {
-    t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info) + byte_begin, byte_count);
-  }
-
   // --merge-extra-rows: out = s*base + sum of the terms over the elements an input has (the others add
   // nothing); elements past the base come from the first input that has them. Not the hot path.
   template <typename T>
@@ -395,7 +397,7 @@ class Engine {
     std::vector<T> base(n), acc(n, T(0)), tmp(n);
     const TensorInfo& bi = *job.base->info;
     const std::uint64_t nb = begin < job.base_elements ? std::min(n, job.base_elements - begin) : 0;
-    decode<T>(bi.dtype, job.base->bytes().data() + begin * (dtype_bits(bi.dtype) / 8), base.data(), nb);
+    detail::read_decoded(*job.base, begin, nb, base.data(), buf.staged);
     read += nb * (dtype_bits(bi.dtype) / 8);
     for (std::uint64_t i = 0; i < nb; ++i) acc[i] = scale_ == 1.0 ? base[i] : static_cast<T>(scale_) * base[i];
     const std::size_t nterms = job.apply_terms ? terms_.size() : 0;
@@ -403,7 +405,7 @@ class Engine {
       const CheckpointTensor& in = *job.inputs[k];
       const std::uint64_t size = dtype_bits(in.info->dtype) / 8;
       const std::uint64_t have = job.input_elements[k] > begin ? std::min(nb, job.input_elements[k] - begin) : 0;
-      decode<T>(in.info->dtype, in.bytes().data() + begin * size, tmp.data(), have);
+      detail::read_decoded(in, begin, have, tmp.data(), buf.staged);
       read += have * size;
       const T a = static_cast<T>(terms_[k].coefficient);
       for (std::uint64_t i = 0; i < have; ++i) acc[i] += terms_[k].relative ? a * (tmp[i] - base[i]) : a * tmp[i];
@@ -414,7 +416,7 @@ class Engine {
       const CheckpointTensor& in = *job.inputs[k];
       const std::uint64_t size = dtype_bits(in.info->dtype) / 8;
       const std::uint64_t count = std::min(end, job.input_elements[k]) - pos;
-      decode<T>(in.info->dtype, in.bytes().data() + pos * size, acc.data() + (pos - begin), count);
+      detail::read_decoded(in, pos, count, acc.data() + (pos - begin), buf.staged);
       read += count * size;
       pos += count;
     }
@@ -441,8 +443,28 @@ class Engine {
     T* tmp = lanes.tmp.data();
     const TensorInfo& bi = *job.base->info;
     const std::uint64_t bsize = dtype_bits(bi.dtype) / 8;
-    const std::byte* base_bytes = job.base->bytes().data() + item.begin * bsize;
     const std::size_t nterms = job.apply_terms ? terms_.size() : 0;
+    // Stage the chunk's bytes of every input: pread copies them out of the page cache (cat's cost)
+    // into this worker's buffer. Reading through the mapping instead cost page faults, MADV_DONTNEED
+    // calls with cross-core TLB shootdowns, and decodes stalled on first reads of page-cache memory:
+    // 0.25 s against 0.14 s for the 125m benchmark (docs/BENCHMARKS.md).
+    std::uint64_t staged_bytes = n * bsize;
+    for (std::size_t k = 0; k < nterms; ++k) staged_bytes += n * (dtype_bits(job.inputs[k]->info->dtype) / 8);
+    if (buf.staged.size() < staged_bytes) buf.staged.resize(staged_bytes);
+    std::vector<const std::byte*>& src = buf.sources;
+    src.resize(nterms + 1);
+    {
+      std::byte* at = buf.staged.data();
+      auto stage = [&](const CheckpointTensor& t) {
+        const std::uint64_t size = dtype_bits(t.info->dtype) / 8;
+        t.read(item.begin * size, {at, n * size});
+        at += n * size;
+        return at - n * size;
+      };
+      src[0] = stage(*job.base);
+      for (std::size_t k = 0; k < nterms; ++k) src[k + 1] = stage(*job.inputs[k]);
+    }
+    const std::byte* base_bytes = src[0];
     const std::uint64_t osize = dtype_bits(job.out) / 8;
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     const T s = static_cast<T>(scale_);
@@ -460,7 +482,7 @@ class Engine {
       for (std::size_t k = 0; k < nterms; ++k) {
         const CheckpointTensor& in = *job.inputs[k];
         const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
-        decode<T>(in.info->dtype, in.bytes().data() + (item.begin + b) * isize, tmp, m);
+        decode<T>(in.info->dtype, src[k + 1] + b * isize, tmp, m);
         const T a = static_cast<T>(terms_[k].coefficient);
         if (terms_[k].relative) {
           add_relative(acc, tmp, base, a, m);
@@ -477,14 +499,7 @@ class Engine {
       }
       encode<T>(job.out, acc, buf.out.data() + b * osize, m);
     }
-    release(*job.base, item.begin * bsize, n * bsize);
-    read += n * bsize;
-    for (std::size_t k = 0; k < nterms; ++k) {
-      const CheckpointTensor& in = *job.inputs[k];
-      const std::uint64_t isize = dtype_bits(in.info->dtype) / 8;
-      release(in, item.begin * isize, n * isize);
-      read += n * isize;
-    }
+    read += staged_bytes;
     if (!finite) report_nonfinite<T>(job, item, buf);
     writer.write(job.shard, job.index, item.begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
     written += n * osize;
@@ -499,8 +514,7 @@ class Engine {
     std::vector<const CheckpointTensor*> all{job.base};
     if (job.apply_terms) all.insert(all.end(), job.inputs.begin(), job.inputs.end());
     for (const CheckpointTensor* t : all) {
-      const std::uint64_t size = dtype_bits(t->info->dtype) / 8;
-      decode<T>(t->info->dtype, t->bytes().data() + item.begin * size, tmp, item.count);
+      detail::read_decoded(*t, item.begin, item.count, tmp, buf.staged);
       for (std::uint64_t i = 0; i < item.count; ++i) {
         if (!std::isfinite(tmp[i])) {
           throw Error(ErrorCode::kNonFinite,

@@ -80,16 +80,10 @@ void check_finite(const std::vector<float>& v, const std::string& tensor, const 
     if (!std::isfinite(v[i])) nonfinite(tensor, file, first + i, v[i]);
 }
 
-// Releases the mapped pages of a consumed tensor so resident memory stays bounded (the page cache keeps them).
-void release(const CheckpointTensor& t) {
-  t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info), t.info->num_bytes());
-}
-
 std::vector<float> decode_range(const CheckpointTensor& t, std::uint64_t begin, std::uint64_t count) {
   std::vector<float> v(count);
-  const std::uint64_t size = dtype_bits(t.info->dtype) / 8;
-  decode_to_f32(t.info->dtype, t.bytes().data() + begin * size, v.data(), count);
-  t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info) + begin * size, count * size);
+  std::vector<std::byte> staging;
+  detail::read_decoded(t, begin, count, v.data(), staging);
   return v;
 }
 
@@ -303,10 +297,10 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           if (chunks_left[item.job].fetch_sub(1) == 1) ++tensors_done;
         };
         if (job.kind == MergeJob::Kind::kCopy) {
-          writer.write(job.shard, job.index, 0, job.ref->bytes());
-          release(*job.ref);
-          bytes_read += job.ref->bytes().size();
-          bytes_written += job.ref->bytes().size();
+          std::vector<std::byte> staging;
+          detail::copy_tensor_bytes(*job.ref, 0, job.ref->info->num_bytes(), writer, job.shard, job.index, staging);
+          bytes_read += job.ref->info->num_bytes();
+          bytes_written += job.ref->info->num_bytes();
           finish();
           return;
         }

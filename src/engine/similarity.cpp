@@ -59,6 +59,7 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
   std::vector<double> partial(chunks.size() * stride, 0.0);
   unsigned threads = detail::resolve_threads(options.threads);
   std::vector<std::vector<float>> scratch(threads);
+  std::vector<std::vector<std::byte>> staging(threads);
   detail::parallel_for(chunks.size(), threads, [&](std::size_t c, unsigned worker) {
     const Chunk& chunk = chunks[c];
     std::vector<float>& buf = scratch[worker];
@@ -66,12 +67,12 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
     float* base = buf.data() + n * chunk.count;
     if (pretrained) {
       const CheckpointTensor& b = pretrained->at(chunk.name);
-      decode_to_f32(b.info->dtype, b.bytes().data() + chunk.begin * (dtype_bits(b.info->dtype) / 8), base, chunk.count);
+      detail::read_decoded(b, chunk.begin, chunk.count, base, staging[worker]);
     }
     for (std::size_t i = 0; i < n; ++i) {
       const CheckpointTensor& t = models[i].second->at(chunk.name);
       float* tau = buf.data() + i * chunk.count;
-      decode_to_f32(t.info->dtype, t.bytes().data() + chunk.begin * (dtype_bits(t.info->dtype) / 8), tau, chunk.count);
+      detail::read_decoded(t, chunk.begin, chunk.count, tau, staging[worker]);
       if (pretrained) {
         for (std::uint64_t k = 0; k < chunk.count; ++k) tau[k] -= base[k];
       }

@@ -1,6 +1,8 @@
 // Output files written in place and published by rename, so no reader sees a partial file.
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -40,8 +42,21 @@ AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(s
       if (size > static_cast<std::uint64_t>(INT64_MAX)) {
         throw Error(ErrorCode::kDiskFull, path_.string() + ": size " + std::to_string(size) + " is too large");
       }
-      // Reserve the space now so a full disk fails before any work is done.
-      int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));
+      // Reserve the space now so a full disk fails before any work is done. tmpfs is the exception:
+      // there fallocate allocates and zeroes every page in memory, about as costly as writing the file
+      // once more, so its free space is checked instead (a full tmpfs later still fails the write).
+      int err = 0;
+      struct statfs fs {};
+      if (::fstatfs(fd_, &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
+        const auto free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * static_cast<std::uint64_t>(fs.f_bsize);
+        if (fs.f_blocks != 0 && free_bytes < size) {
+          err = ENOSPC;
+        } else {
+          err = ::ftruncate(fd_, static_cast<off_t>(size)) == 0 ? 0 : errno;
+        }
+      } else {
+        err = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));
+      }
       if (err == EINVAL || err == EOPNOTSUPP) {
         err = ::ftruncate(fd_, static_cast<off_t>(size)) == 0 ? 0 : errno;  // filesystem without fallocate
       }
@@ -59,7 +74,8 @@ AtomicFile::AtomicFile(AtomicFile&& other) noexcept
     : path_(std::move(other.path_)),
       temp_path_(std::exchange(other.temp_path_, {})),
       fd_(std::exchange(other.fd_, -1)),
-      committed_(std::exchange(other.committed_, true)) {}
+      committed_(std::exchange(other.committed_, true)),
+      unsynced_(other.unsynced_.load()) {}
 
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
@@ -80,6 +96,11 @@ void AtomicFile::write_at(std::uint64_t offset, std::span<const std::byte> bytes
     p += n;
     left -= static_cast<std::size_t>(n);
     offset += static_cast<std::uint64_t>(n);
+  }
+  if (unsynced_.fetch_add(bytes.size(), std::memory_order_relaxed) + bytes.size() >= kWritebackBytes) {
+    unsynced_.store(0, std::memory_order_relaxed);
+    // Whole file, start only: a hint, so its failure is left to the fsync of commit() to report.
+    ::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <string>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "format/internal.hpp"
@@ -291,27 +292,31 @@ std::string Checkpoint::fingerprint() const {
   constexpr std::uint64_t kSamples = 64;
   constexpr std::uint64_t kSampleBytes = 64;
   Fnv1a f;
+  std::vector<std::byte> sample;
   f.add_u64(tensors_.size());
   for (const auto& [name, t] : tensors_) {
     f.add_str(name);
     f.add_str(dtype_name(t.info->dtype));
     f.add_u64(t.info->shape.size());
     for (const auto d : t.info->shape) f.add_u64(d);
-    const auto bytes = t.bytes();
-    const std::uint64_t n = bytes.size();
+    // The samples are read with pread: through the mapping, each would fault in (and map) the 64 KiB
+    // around it.
+    const std::uint64_t n = t.info->num_bytes();
     if (n <= kSamples * kSampleBytes) {
-      f.add(bytes.data(), bytes.size());
+      sample.resize(n);
+      t.read(0, sample);
+      f.add(sample.data(), n);
     } else {
+      sample.resize(kSampleBytes);
       for (std::uint64_t i = 0; i < kSamples; ++i) {
         // floor((n - 64) * i / 63) without overflow: split n - 64 = q * 63 + r.
         const std::uint64_t q = (n - kSampleBytes) / (kSamples - 1);
         const std::uint64_t r = (n - kSampleBytes) % (kSamples - 1);
         const std::uint64_t off = q * i + r * i / (kSamples - 1);
-        f.add(bytes.data() + off, kSampleBytes);
+        t.read(off, sample);
+        f.add(sample.data(), kSampleBytes);
       }
     }
-    // The samples fault in (and read ahead) pages this process does not need again: give them back.
-    t.shard->mapped().advise_dontneed(t.shard->tensor_file_offset(*t.info), n);
   }
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out(16, '0');
@@ -320,5 +325,15 @@ std::string Checkpoint::fingerprint() const {
 }
 
 void validate_checkpoint(const fs::path& path) { (void)Checkpoint::open(path); }
+
+void CheckpointTensor::read(std::uint64_t byte_offset, std::span<std::byte> dst) const {
+  const std::uint64_t size = info->num_bytes();
+  if (byte_offset > size || dst.size() > size - byte_offset) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("tensor '{}' in {}: bytes [{}, {}) are outside its {} bytes", info->name,
+                            shard->path().string(), byte_offset, byte_offset + dst.size(), size));
+  }
+  shard->mapped().read_at(shard->tensor_file_offset(*info) + byte_offset, dst);
+}
 
 }  // namespace taskvec

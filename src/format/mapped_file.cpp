@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <utility>
 
+#include <fmt/format.h>
+
 #include "format/internal.hpp"
 #include "taskvec/error.hpp"
 #include "taskvec/safetensors.hpp"
@@ -45,18 +47,23 @@ MappedFile MappedFile::open(const std::filesystem::path& path) {
     }
     out.data_ = static_cast<const std::byte*>(p);
   }
-  ::close(fd);  // the mapping keeps the file alive
+  out.fd_ = fd;  // kept for read_at
   return out;
 }
 
 MappedFile::MappedFile(MappedFile&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)), path_(std::move(other.path_)) {}
+    : data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      fd_(std::exchange(other.fd_, -1)),
+      path_(std::move(other.path_)) {}
 
 MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
   if (this != &other) {
     if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), static_cast<std::size_t>(size_));
+    if (fd_ >= 0) ::close(fd_);
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    fd_ = std::exchange(other.fd_, -1);
     path_ = std::move(other.path_);
   }
   return *this;
@@ -64,6 +71,26 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
 
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), static_cast<std::size_t>(size_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void MappedFile::read_at(std::uint64_t offset, std::span<std::byte> dst) const {
+  std::uint64_t done = 0;
+  while (done < dst.size()) {
+    const ssize_t got = ::pread(fd_, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
+    if (got > 0) {
+      done += static_cast<std::uint64_t>(got);
+      continue;
+    }
+    if (got < 0 && errno == EINTR) continue;
+    if (got == 0) {
+      throw Error(ErrorCode::kIo, fmt::format("{}: unexpected end of file at byte {} (did it shrink after it was opened?)",
+                                              path_.string(), offset + done));
+    }
+    const int err = errno;
+    throw Error(ErrorCode::kIo,
+                fmt::format("{}: read failed at byte {}: {}", path_.string(), offset + done, format_detail::errno_text(err)));
+  }
 }
 
 namespace {

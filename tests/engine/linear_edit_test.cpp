@@ -332,7 +332,15 @@ TEST(LinearEditThreads, SameBytesForAnyThreadCountAndChunking) {
       options.memory_budget = budget;  // 1 byte: the smallest chunks (1024 elements), ~49 per tensor
       auto out = dir / ("out" + std::to_string(threads) + "_" + std::to_string(budget) + ".safetensors");
       EditReport r = linear_edit(ck[0], 1.0, terms, out, options);
-      EXPECT_LE(r.peak_chunk_bytes, std::max<std::uint64_t>(budget, threads * 1024 * 32));
+      // Per element in flight: 4 staged BF16 inputs + the BF16 output = 10 B; per worker also the
+      // block lanes (3 x 2048 x 8 B) and one 256 KiB read piece. The smallest chunk is 1024 elements.
+      const std::uint64_t fixed = 3 * 2048 * 8 + (256 << 10);
+      if (budget == 1) {
+        EXPECT_EQ(r.peak_chunk_bytes, threads * (1024 * 10 + fixed));
+      } else {
+        EXPECT_EQ(r.peak_chunk_bytes, threads * (n * 10 + fixed));  // chunk = the whole 50000-element tensor
+        EXPECT_LE(r.peak_chunk_bytes, budget);
+      }
       auto bytes = test::file_bytes(out);
       if (first.empty()) {
         first = bytes;
@@ -385,6 +393,57 @@ TEST(LinearEditFolders, ShardedOutputWithAuxiliaryFiles) {
   EXPECT_EQ(out.shards().size(), 3u);
   EXPECT_EQ(out.metadata().at("format"), "pt");
   for (const char* name : {"a", "b", "c"}) EXPECT_EQ(read_values(dir / "out", name), std::vector<double>(1000, 0.25));
+}
+
+// Tensors larger than one 256 KiB read piece: integer and unselected tensors are copied piece by piece
+// (bytes unchanged), and a merge-extra-rows tensor is read and decoded piece by piece.
+TEST(LinearEditPieces, LargeCopiedTensorsKeepTheirBytes) {
+  TempDir dir;
+  const std::size_t n = 300000;  // 1.2 MB of I32, 600 KB of BF16: several pieces each
+  std::vector<double> ints(n), base(n), ft(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    ints[i] = static_cast<double>((i * 7919) % 100003) - 50000;
+    base[i] = std::ldexp(static_cast<double>(i % 251) - 125, -6);  // exact in BF16
+    ft[i] = base[i] + std::ldexp(static_cast<double>(i % 3), -4);
+  }
+  write_model(dir / "pre.safetensors", {{"ids", DType::kI32, {n}, ints}, {"frozen", DType::kBF16, {n}, base},
+                                        {"w", DType::kBF16, {n}, base}});
+  write_model(dir / "ft.safetensors", {{"ids", DType::kI32, {n}, ints}, {"frozen", DType::kBF16, {n}, ft},
+                                       {"w", DType::kBF16, {n}, ft}});
+  auto pre = Checkpoint::open(dir / "pre.safetensors");
+  auto ft_ck = Checkpoint::open(dir / "ft.safetensors");
+  EditOptions options;
+  options.threads = 2;
+  options.exclude = "frozen";
+  const auto out = dir / "out.safetensors";
+  linear_edit(pre, 1.0, {{&ft_ck, 1.0, true}}, out, options);
+  EXPECT_EQ(test::read_tensor_bytes(out, "ids"), test::read_tensor_bytes(dir / "pre.safetensors", "ids"));
+  EXPECT_EQ(test::read_tensor_bytes(out, "frozen"), test::read_tensor_bytes(dir / "pre.safetensors", "frozen"));
+  EXPECT_EQ(test::read_tensor_bytes(out, "w"), test::read_tensor_bytes(dir / "ft.safetensors", "w"));
+}
+
+TEST(LinearEditPieces, ResizedRowsAreReadPieceByPiece) {
+  TempDir dir;
+  const std::uint64_t cols = 1000, rows = 200, extra = 7;  // 200k elements: 400 KB of BF16
+  std::vector<double> base(rows * cols), ft((rows + extra) * cols);
+  for (std::size_t i = 0; i < base.size(); ++i) base[i] = std::ldexp(static_cast<double>(i % 97) - 48, -5);
+  for (std::size_t i = 0; i < ft.size(); ++i) ft[i] = std::ldexp(static_cast<double>(i % 89) - 44, -5);
+  write_model(dir / "pre.safetensors", {{"embed", DType::kBF16, {rows, cols}, base}});
+  write_model(dir / "ft.safetensors", {{"embed", DType::kBF16, {rows + extra, cols}, ft}});
+  auto pre = Checkpoint::open(dir / "pre.safetensors");
+  auto ft_ck = Checkpoint::open(dir / "ft.safetensors");
+  EditOptions options;
+  options.merge_extra_rows = true;
+  options.memory_budget = 1;  // chunks of 1024 elements
+  const auto out = dir / "out.safetensors";
+  linear_edit(pre, 1.0, {{&ft_ck, 0.5, true}}, out, options);
+  const auto got = read_values(out, "embed");
+  ASSERT_EQ(got.size(), ft.size());
+  for (std::size_t i = 0; i < ft.size(); ++i) {
+    // Shared rows: base + 0.5 (ft - base), a multiple of 2^-6 below 64: exact in BF16. Extra rows: ft.
+    const double want = i < base.size() ? base[i] + 0.5 * (ft[i] - base[i]) : ft[i];
+    ASSERT_EQ(got[i], want) << i;
+  }
 }
 
 TEST(Similarity, CosineNormsAndSignConflictsByHand) {

@@ -191,6 +191,25 @@ TEST(MergeDriver, OneModelAtWeightOneGivesThatModel) {
     EXPECT_EQ(test::read_tensor_bytes(dir / "out.safetensors", t), test::read_tensor_bytes(dir / "a.safetensors", t)) << t;
 }
 
+// Tensors of several 256 KiB read pieces: decoded whole (TIES) or copied (integers) piece by piece.
+TEST(MergeDriver, LargeTensorsAreReadPieceByPiece) {
+  TempDir dir;
+  const std::size_t n = 300000;  // 600 KB of BF16, 2.4 MB of I64
+  std::vector<double> w(n), ids(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    w[i] = std::ldexp(static_cast<double>(i % 211) - 105, -7);
+    ids[i] = static_cast<double>(i * 31 % 65537);
+  }
+  write_model(dir / "base.safetensors", {{"w", DType::kBF16, {n}, std::vector<double>(n, 0.0)}, {"ids", DType::kI64, {n}, ids}});
+  write_model(dir / "a.safetensors", {{"w", DType::kBF16, {n}, w}, {"ids", DType::kI64, {n}, ids}});
+  const Recipe r = recipe_at(dir, "merge_method: ties\nbase_model: base.safetensors\nmodels: [a.safetensors]\n"
+                                  "parameters: {density: 1.0}\n");
+  merge_checkpoints(r, dir / "out.safetensors", opts(2));
+  // A zero base: TIES keeps every element (density 1) of the one task vector at weight 1, i.e. the model.
+  EXPECT_EQ(test::read_tensor_bytes(dir / "out.safetensors", "w"), test::read_tensor_bytes(dir / "a.safetensors", "w"));
+  EXPECT_EQ(test::read_tensor_bytes(dir / "out.safetensors", "ids"), test::read_tensor_bytes(dir / "a.safetensors", "ids"));
+}
+
 TEST(MergeDriver, SlerpFromBaseAndOutDtype) {
   TempDir dir;
   write_model(dir / "base.safetensors", {{"w", DType::kF32, {2}, {1, 0}}});

@@ -1,7 +1,9 @@
 // AtomicFile: temp file then rename; nothing left behind when not committed; disk full is kDiskFull.
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -137,6 +139,32 @@ TEST(AtomicFile, DiskFullOnReserveIsDiskFull) {
     return count_entries(dir.path()) == 0 ? static_cast<int>(kChildOk) : static_cast<int>(kChildLeftFiles);
   });
   EXPECT_EQ(rc, kChildOk);
+}
+
+// On tmpfs the reservation is a free-space check and ftruncate (fallocate would zero every page):
+// a file larger than the limit still fails before any data is written.
+TEST(AtomicFile, DiskFullOnReserveIsDiskFullOnTmpfs) {
+  struct statfs fs {};
+  if (::statfs("/dev/shm", &fs) != 0 || fs.f_type != TMPFS_MAGIC) GTEST_SKIP() << "no tmpfs at /dev/shm";
+  std::string templ = "/dev/shm/taskvec-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(templ.data()), nullptr);
+  const std::filesystem::path dir = templ;
+  const int rc = run_with_small_fsize_limit([&] {
+    try {
+      AtomicFile f(dir / "big.bin", 1 << 20);
+      return static_cast<int>(kChildNoError);
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kDiskFull) return static_cast<int>(kChildWrongCode);
+    }
+    return count_entries(dir) == 0 ? static_cast<int>(kChildOk) : static_cast<int>(kChildLeftFiles);
+  });
+  EXPECT_EQ(rc, kChildOk);
+  // And without the limit the reserved file has its full size before anything is written.
+  {
+    AtomicFile f(dir / "ok.bin", 1 << 20);
+    EXPECT_EQ(std::filesystem::file_size(f.temp_path()), 1u << 20);
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(AtomicFile, DiskFullOnWriteIsDiskFull) {

@@ -176,6 +176,28 @@ TEST(Checkpoint, OpensShardedFolderAndIndex) {
   }
 }
 
+TEST(Checkpoint, TensorReadCopiesARangeAndRefusesOthers) {
+  test::TempDir dir;
+  const auto path = test::write_file(dir / "m.safetensors", test::make_safetensors_bytes(
+      R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[6],"data_offsets":[2,8]}})",
+      "hiabcdef"));
+  const auto ck = Checkpoint::open(path);
+  const CheckpointTensor& b = ck.at("b");
+  std::vector<std::byte> got(3);
+  b.read(2, got);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(got.data()), 3), "cde");
+  b.read(3, got);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(got.data()), 3), "def");
+  try {
+    b.read(4, got);  // bytes 4..7 of a 6-byte tensor
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("'b'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("m.safetensors"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Checkpoint, SymlinkInsideTheFolderIsFine) {
   ShardedFolder f;
   fs::rename(f.dir / kS2, f.dir / "real.safetensors");

@@ -321,6 +321,43 @@ TEST(SafetensorsFileOpen, TensorBytesPointIntoTheMapping) {
   EXPECT_EQ(f->path(), path);
 }
 
+TEST(MappedFile, ReadAtCopiesTheFileBytes) {
+  test::TempDir dir;
+  std::string content(300000, '\0');
+  for (std::size_t i = 0; i < content.size(); ++i) content[i] = static_cast<char>((i * 131) % 251);
+  const auto path = test::write_file(dir / "data.bin", content);
+  const auto f = MappedFile::open(path);
+  for (const auto& [offset, length] : std::vector<std::pair<std::size_t, std::size_t>>{
+           {0, 1}, {0, content.size()}, {4095, 2}, {123457, 70001}, {content.size() - 3, 3}, {content.size(), 0}}) {
+    std::vector<std::byte> got(length);
+    f.read_at(offset, got);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(got.data()), length), content.substr(offset, length)) << offset;
+  }
+}
+
+TEST(MappedFile, ReadPastTheEndNamesTheFile) {
+  test::TempDir dir;
+  const auto path = test::write_file(dir / "short.bin", "0123456789");
+  const auto f = MappedFile::open(path);
+  std::vector<std::byte> got(4);
+  try {
+    f.read_at(8, got);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIo);
+    EXPECT_NE(std::string(e.what()).find("short.bin"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("end of file at byte 10"), std::string::npos) << e.what();
+  }
+  // A file that shrinks after it was opened is an error too, not a short read.
+  std::filesystem::resize_file(path, 5);
+  try {
+    f.read_at(2, got);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIo);
+  }
+}
+
 TEST(MappedFile, MissingFileIsIo) {
   test::TempDir dir;
   try {
