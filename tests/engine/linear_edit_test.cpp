@@ -7,6 +7,7 @@
 #include <fstream>
 #include <random>
 
+#include "support/builders.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/engine.hpp"
@@ -239,6 +240,20 @@ TEST_F(LinearEdit, NonFiniteInputsAreDetected) {
   options.allow_nonfinite = true;
   make_task_vector(pre, bad, dir / "out.safetensors", options);
   EXPECT_TRUE(std::isnan(read_values(dir / "out.safetensors", "w")[1]));
+}
+
+// BF16 inputs are widened inside the combination loop (no separate decode): a signalling NaN must still
+// come out as decode_to_f32 + the arithmetic give it, quiet with its payload (0x7F81 -> 0x7FC1), and
+// the finite neighbour exactly: 2 + 0.5 (3 - 2) = 2.5 = 0x4020.
+TEST_F(LinearEdit, SignallingNanInABf16InputComesOutQuietWithItsPayload) {
+  const std::string header = R"({"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})";
+  test::write_file(dir / "pre16.safetensors", test::make_safetensors_bytes(header, std::string("\x80\x3F\x00\x40", 4)));
+  test::write_file(dir / "ft16.safetensors", test::make_safetensors_bytes(header, std::string("\x81\x7F\x40\x40", 4)));
+  Checkpoint pre = Checkpoint::open(dir / "pre16.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft16.safetensors");
+  options.allow_nonfinite = true;
+  linear_edit(pre, 1.0, {{&ft, 0.5, true}}, dir / "out16.safetensors", options);
+  EXPECT_EQ(read_tensor_bytes(dir / "out16.safetensors", "w"), (std::vector<std::uint8_t>{0xC1, 0x7F, 0x20, 0x40}));
 }
 
 TEST_F(LinearEdit, DryRunWritesNothingAndExistingOutputsNeedForce) {
