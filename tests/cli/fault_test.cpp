@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "support/builders.hpp"
+#include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/engine.hpp"
@@ -28,6 +29,7 @@ namespace taskvec {
 namespace {
 
 namespace fs = std::filesystem;
+using test::read_values;
 using test::TempDir;
 
 // FNV-1a 64 of a whole file, read in 1 MiB blocks.
@@ -61,6 +63,8 @@ std::vector<std::string> temp_files(const fs::path& folder) {
 
 struct ChildOptions {
   rlim_t file_size_limit = RLIM_INFINITY;  ///< RLIMIT_FSIZE in the child; SIGXFSZ is ignored there
+  rlim_t open_files_soft = RLIM_INFINITY;  ///< RLIMIT_NOFILE soft limit in the child (unchanged if infinite)
+  rlim_t open_files_hard = RLIM_INFINITY;  ///< and its hard limit (unchanged if infinite)
 };
 
 // Starts TASKVEC_BIN with `args` (stdout and stderr to files in `logs`); returns the child's pid.
@@ -82,6 +86,13 @@ pid_t spawn(const std::vector<std::string>& args, const fs::path& logs, const Ch
       ::signal(SIGXFSZ, SIG_IGN);  // so a write past the limit fails with EFBIG instead of killing us
       const rlimit lim{options.file_size_limit, options.file_size_limit};
       if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(126);
+    }
+    if (options.open_files_soft != RLIM_INFINITY || options.open_files_hard != RLIM_INFINITY) {
+      rlimit lim{};
+      if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(126);
+      if (options.open_files_hard != RLIM_INFINITY) lim.rlim_max = options.open_files_hard;
+      if (options.open_files_soft != RLIM_INFINITY) lim.rlim_cur = options.open_files_soft;
+      if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(126);
     }
     ::execv(argv[0], argv.data());
     ::_exit(127);
@@ -337,6 +348,31 @@ TEST_F(Fault, OversizedIndexIsRefused) {
   const pid_t pid = spawn({"validate", folder.string()}, logs);
   EXPECT_EQ(wait_status(pid), 4) << read_text(logs / "stderr.txt");
   EXPECT_NE(read_text(logs / "stderr.txt").find("invalid_index"), std::string::npos) << read_text(logs / "stderr.txt");
+}
+
+// Every input shard keeps a descriptor open for the run: two 48-shard models need ~100. The CLI raises
+// the soft RLIMIT_NOFILE to the hard limit, so a soft limit of 64 does not stop it; with the hard limit
+// at 64 too it fails cleanly (exit 3, io) naming the file, and writes nothing.
+TEST_F(Fault, ManyShardsPassALowSoftOpenFileLimit) {
+  make_inputs(48, 1024);  // 48 tensors of 4 KiB
+  const fs::path a = out / "a", b = out / "b", edited = out / "edited";
+  const pid_t split = spawn({"edit", "-q", "pre", "-m", "pre=" + (in / "pre.safetensors").string(), "--max-shard-size",
+                             "4KB", "-o", a.string()},
+                            logs);
+  ASSERT_EQ(wait_status(split), 0) << read_text(logs / "stderr.txt");
+  std::size_t shards = 0;
+  for (const auto& e : fs::directory_iterator(a)) shards += e.path().extension() == ".safetensors";
+  ASSERT_EQ(shards, 48u);
+  fs::copy(a, b);
+  const std::vector<std::string> args{"edit", "-q", "pre + 0.5*(ft - pre)", "-m", "pre=" + a.string(),
+                                      "-m", "ft=" + b.string(), "-o", edited.string()};
+  const pid_t low_hard = spawn(args, logs, {.open_files_soft = 64, .open_files_hard = 64});
+  EXPECT_EQ(wait_status(low_hard), 3) << read_text(logs / "stderr.txt");
+  EXPECT_NE(read_text(logs / "stderr.txt").find("Too many open files"), std::string::npos) << read_text(logs / "stderr.txt");
+  EXPECT_FALSE(fs::exists(edited));
+  const pid_t low_soft = spawn(args, logs, {.open_files_soft = 64});
+  EXPECT_EQ(wait_status(low_soft), 0) << read_text(logs / "stderr.txt");
+  EXPECT_EQ(read_values(edited, "layers.47.weight"), std::vector<double>(1024, 0.5));
 }
 
 // A FIFO planted in a model folder in place of the model is refused (exit 3, not a regular file)

@@ -1,5 +1,7 @@
 // taskvec: the command-line tool. Parses flags once (CLI11), runs the chosen subcommand, and maps a
 // taskvec::Error to its documented exit status (docs/CLI.md).
+#include <sys/resource.h>
+
 #include <cstdio>
 #include <exception>
 
@@ -8,8 +10,23 @@
 #include "cli.hpp"
 #include "taskvec/error.hpp"
 
+namespace {
+
+// Every input shard keeps a file descriptor open for the run (its data is read with pread): allow as
+// many as the hard limit, so that merging many sharded models does not stop at the usual soft 1024.
+void raise_open_file_limit() {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &lim);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace taskvec;
+  raise_open_file_limit();
   CLI::App app{"taskvec: edit neural networks with task arithmetic (task vectors, negation, addition, analogies, merges)"};
   app.set_version_flag("--version", "taskvec 0.1.0");
   app.require_subcommand(1);
