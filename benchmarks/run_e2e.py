@@ -476,7 +476,7 @@ def machine():
     return info
 
 
-ROW_ORDER = ["cat_warm", "cat_cold", "taskvec_edit", "taskvec_edit_t1", "taskvec_edit_cold", "write_floor_disk",
+ROW_ORDER = ["cat_warm", "write_floor", "cat_cold", "taskvec_edit", "taskvec_edit_t1", "taskvec_edit_cold", "write_floor_disk",
              "taskvec_edit_disk", "taskvec_diff_a",
              "taskvec_diff_b", "taskvec_diff_c", "taskvec_apply", "taskvec_diff3_apply", "taskvec_ties_t2",
              "taskvec_ties_t1", "taskvec_dare_linear_t2", "taskvec_dare_linear_t1", "torch_mmap", "torch_official"]
