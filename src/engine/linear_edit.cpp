@@ -461,7 +461,7 @@ class Engine {
     // Stage the chunk's bytes of every input: pread copies them out of the page cache (cat's cost)
     // into this worker's buffer. Reading through the mapping instead cost page faults, MADV_DONTNEED
     // calls with cross-core TLB shootdowns, and decodes stalled on first reads of page-cache memory:
-    // 0.25 s against 0.14 s for the 125m benchmark (docs/BENCHMARKS.md).
+    // the 125m benchmark's edit took 0.25 s that way, 0.20 s this way (docs/BENCHMARKS.md).
     std::uint64_t staged_bytes = n * bsize;
     for (std::size_t k = 0; k < nterms; ++k) staged_bytes += n * (dtype_bits(job.inputs[k]->info->dtype) / 8);
     if (buf.staged.size() < staged_bytes) buf.staged.resize(staged_bytes);

@@ -127,18 +127,23 @@ int run_with_small_fsize_limit(F&& body) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
-TEST(AtomicFile, DiskFullOnReserveIsDiskFull) {
-  test::TempDir dir;
-  const int rc = run_with_small_fsize_limit([&] {
+// In a child limited to 64 KiB files: reserving 1 MiB in `dir` must fail with kDiskFull and leave `dir`
+// empty. Returns the child's exit code (kChildOk when so).
+int reserve_past_the_limit(const std::filesystem::path& dir) {
+  return run_with_small_fsize_limit([&] {
     try {
       AtomicFile f(dir / "big.bin", 1 << 20);
       return static_cast<int>(kChildNoError);
     } catch (const Error& e) {
       if (e.code() != ErrorCode::kDiskFull) return static_cast<int>(kChildWrongCode);
     }
-    return count_entries(dir.path()) == 0 ? static_cast<int>(kChildOk) : static_cast<int>(kChildLeftFiles);
+    return count_entries(dir) == 0 ? static_cast<int>(kChildOk) : static_cast<int>(kChildLeftFiles);
   });
-  EXPECT_EQ(rc, kChildOk);
+}
+
+TEST(AtomicFile, DiskFullOnReserveIsDiskFull) {
+  test::TempDir dir;
+  EXPECT_EQ(reserve_past_the_limit(dir.path()), kChildOk);
 }
 
 // On tmpfs the reservation is a free-space check and ftruncate (fallocate would zero every page):
@@ -149,16 +154,7 @@ TEST(AtomicFile, DiskFullOnReserveIsDiskFullOnTmpfs) {
   std::string templ = "/dev/shm/taskvec-test-XXXXXX";
   ASSERT_NE(::mkdtemp(templ.data()), nullptr);
   const std::filesystem::path dir = templ;
-  const int rc = run_with_small_fsize_limit([&] {
-    try {
-      AtomicFile f(dir / "big.bin", 1 << 20);
-      return static_cast<int>(kChildNoError);
-    } catch (const Error& e) {
-      if (e.code() != ErrorCode::kDiskFull) return static_cast<int>(kChildWrongCode);
-    }
-    return count_entries(dir) == 0 ? static_cast<int>(kChildOk) : static_cast<int>(kChildLeftFiles);
-  });
-  EXPECT_EQ(rc, kChildOk);
+  EXPECT_EQ(reserve_past_the_limit(dir), kChildOk);
   // And without the limit the reserved file has its full size before anything is written.
   {
     AtomicFile f(dir / "ok.bin", 1 << 20);
