@@ -1,9 +1,11 @@
 // Element-wise and sparsifying merge kernels: linear, task arithmetic, TIES, DARE, Breadcrumbs, DELLA,
 // magnitude pruning, consensus. METHODS-SPEC.md sections 3.1-3.5 and 3.10; docs/METHODS.md.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <numeric>
 
+#include "base/simd_clones.hpp"
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
 
@@ -110,6 +112,19 @@ RankBand rank_band(std::span<const float> model, std::span<const float> base, st
   return band;
 }
 
+namespace {
+// d = (model - base) / divisor where gt < magnitude bits <= le, else 0 (branch-free, see keep_if).
+TASKVEC_SIMD_CLONES void band_segment(const float* __restrict model, const float* __restrict base, float* __restrict d,
+                                      std::int32_t gt, std::int32_t le, float divisor, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x = model[i] - base[i];
+    const std::int32_t b = magnitude_bits(x);
+    const float q = x / divisor;
+    d[i] = std::bit_cast<float>(std::bit_cast<std::uint32_t>(q) & (0u - static_cast<std::uint32_t>((b > gt) & (b <= le))));
+  }
+}
+}  // namespace
+
 void band_fill(const RankBand& band, std::span<const float> model, std::span<const float> base, float divisor,
                std::span<float> d) {
   const std::size_t n = d.size();
@@ -123,11 +138,7 @@ void band_fill(const RankBand& band, std::span<const float> model, std::span<con
     std::int32_t gt = -1, le = 0x7FFFFFFF;
     if (!band.hi_all) gt = from < band.hi_cut ? band.hi_bits - 1 : band.hi_bits;
     if (!band.lo_all) le = from < band.lo_cut ? band.lo_bits - 1 : band.lo_bits;
-    for (std::size_t i = from; i < to; ++i) {
-      const float x = model[i] - base[i];
-      const std::int32_t b = magnitude_bits(x);
-      d[i] = (b > gt && b <= le) ? x / divisor : 0.0f;
-    }
+    band_segment(model.data() + from, base.data() + from, d.data() + from, gt, le, divisor, to - from);
   };
   std::size_t p1 = band.hi_all ? n : std::min<std::uint64_t>(band.hi_cut, n);
   std::size_t p2 = band.lo_all ? n : std::min<std::uint64_t>(band.lo_cut, n);
@@ -184,6 +195,40 @@ void combine_linear(const MergeTensor& in, std::span<float> out, float scale, Fi
   for (std::size_t i = 0; i < n; ++i) out[i] = in.base[i] + lambda * (scale * out[i]);
 }
 
+// The elementwise loops of TIES, each on restrict pointers and compiled for AVX2 too
+// (base/simd_clones.hpp: no FMA, and each element's operations are those of a plain loop, so the bytes
+// do not depend on the CPU). Selects are bit masks (`keep_if`): GCC does not if-convert a float
+// `cond ? x : 0.0f` into a vector loop ("control flow in loop"), and the mask gives the same bits.
+inline float keep_if(bool keep, float x) noexcept {
+  return std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & (0u - static_cast<std::uint32_t>(keep)));
+}
+TASKVEC_SIMD_CLONES void add_weighted(float* __restrict out, const float* __restrict d, float w, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) out[i] += w * d[i];
+}
+// out += w d and den += |w| where w d is non-zero and of the elected sign.
+TASKVEC_SIMD_CLONES void add_agreeing(float* __restrict out, float* __restrict den, const float* __restrict d,
+                                      const float* __restrict sign, float w, float aw, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float c = w * d[i];
+    const bool agree = c * sign[i] > 0;
+    out[i] += keep_if(agree, c);
+    den[i] += keep_if(agree, aw);
+  }
+}
+// out = base + lambda * (sum ? out : (den > 0 ? out / den : 0)).
+TASKVEC_SIMD_CLONES void finish_ties(float* __restrict out, const float* __restrict den, const float* __restrict base,
+                                     float lambda, bool sum, std::size_t n) {
+  if (sum) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = base[i] + lambda * out[i];
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool any = den[i] > 0;
+    const float safe = any ? den[i] : 1.0f;  // no division by zero in the lanes that are dropped
+    out[i] = base[i] + lambda * keep_if(any, out[i] / safe);
+  }
+}
+
 // TIES steps 2-3 on sparsified deltas: elect the sign of sum_m w_m delta_m (zero -> the majority sign of
 // the tensor), then average (divide by sum |w_m| of agreeing survivors) or sum the agreeing ones. The
 // deltas are produced twice by fill() rather than stored (T tensors of memory saved).
@@ -195,15 +240,16 @@ void combine_ties(const MergeTensor& in, std::span<float> out, Fill fill) {
   std::fill(out.begin(), out.end(), 0.0f);
   for (std::size_t m = 0; m < t; ++m) {  // pass 1: out holds the elected mass
     fill(m, std::span<float>(d));
-    const float w = in.model_params[m].weight;
-    for (std::size_t i = 0; i < n; ++i) out[i] += w * d[i];
+    add_weighted(out.data(), d.data(), in.model_params[m].weight, n);
   }
-  std::int64_t majority = 0;
+  std::int64_t positive = 0, negative = 0;
   std::vector<float> sign(n);
   for (std::size_t i = 0; i < n; ++i) {
     sign[i] = sign_of(out[i]);
-    majority += static_cast<std::int64_t>(sign[i]);
+    positive += out[i] > 0;
+    negative += out[i] < 0;
   }
+  const std::int64_t majority = positive - negative;
   const float fill_sign = majority > 0 ? 1.0f : (majority < 0 ? -1.0f : 0.0f);
   for (std::size_t i = 0; i < n; ++i) sign[i] = sign[i] == 0 ? fill_sign : sign[i];
   std::vector<float> den(n, 0.0f);
@@ -211,20 +257,9 @@ void combine_ties(const MergeTensor& in, std::span<float> out, Fill fill) {
   for (std::size_t m = 0; m < t; ++m) {  // pass 2: out holds the agreeing sum
     fill(m, std::span<float>(d));
     const float w = in.model_params[m].weight;
-    const float aw = std::fabs(w);
-    for (std::size_t i = 0; i < n; ++i) {
-      const float c = w * d[i];
-      const bool agree = c * sign[i] > 0;  // non-zero and of the elected sign
-      out[i] += agree ? c : 0.0f;
-      den[i] += agree ? aw : 0.0f;
-    }
+    add_agreeing(out.data(), den.data(), d.data(), sign.data(), w, std::fabs(w), n);
   }
-  const float lambda = in.global.lambda;
-  const bool sum = in.global.disjoint_sum;
-  for (std::size_t i = 0; i < n; ++i) {
-    const float merged = sum ? out[i] : (den[i] > 0 ? out[i] / den[i] : 0.0f);
-    out[i] = in.base[i] + lambda * merged;
-  }
+  finish_ties(out.data(), den.data(), in.base.data(), in.global.lambda, in.global.disjoint_sum, n);
 }
 
 std::vector<RankBand> bands_for(const MergeTensor& in, bool breadcrumbs) {
