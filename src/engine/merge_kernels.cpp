@@ -327,6 +327,17 @@ namespace {
 // bits, so u < p  <=>  X < ceil(p * 2^53) (p * 2^53 is exact in double). Same draws as merge_rng_uniform.
 std::uint64_t rng_threshold(float p) noexcept { return static_cast<std::uint64_t>(std::ceil(static_cast<double>(p) * 0x1.0p53)); }
 
+// keep[i] = draw i of `key` < threshold (vectorized with AVX2's 32-bit multiplies; same integers).
+TASKVEC_SIMD_CLONES void draw_keep_mask(std::uint8_t* __restrict keep, std::uint64_t key, std::uint64_t first_index,
+                                        std::uint64_t threshold, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) keep[i] = (mix64(key + (first_index + i + 1) * kGolden) >> 11) < threshold;
+}
+// d = keep ? (model - base) / divisor : 0 (branch-free, see keep_if).
+TASKVEC_SIMD_CLONES void masked_delta(const std::uint8_t* __restrict keep, const float* __restrict model,
+                                      const float* __restrict base, float divisor, float* __restrict d, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) d[i] = keep_if(keep[i] != 0, (model[i] - base[i]) / divisor);
+}
+
 template <class Combine>
 void run_dare(const MergeTensor& in, std::span<float> out, const char* method, Combine combine) {
   const std::size_t n = check_inputs(in, out, method, true, 1);
@@ -334,19 +345,11 @@ void run_dare(const MergeTensor& in, std::span<float> out, const char* method, C
   const auto keys = rng_keys(in);
   const bool rescale = in.global.rescale;
   std::vector<std::vector<std::uint8_t>> keep(in.models.size(), std::vector<std::uint8_t>(n));
-  for (std::size_t m = 0; m < in.models.size(); ++m) {
-    const std::uint64_t threshold = rng_threshold(in.model_params[m].density);
-    for (std::size_t i = 0; i < n; ++i)
-      keep[m][i] = (mix64(keys[m] + (in.first_index + i + 1) * kGolden) >> 11) < threshold;
-  }
+  for (std::size_t m = 0; m < in.models.size(); ++m)
+    draw_keep_mask(keep[m].data(), keys[m], in.first_index, rng_threshold(in.model_params[m].density), n);
   combine([&](std::size_t m, std::span<float> d) {
-    const float density = in.model_params[m].density;
-    const float divisor = rescale ? density : 1.0f;
-    const auto& mask = keep[m];
-    for (std::size_t i = 0; i < d.size(); ++i) {
-      const float x = in.models[m][i] - in.base[i];
-      d[i] = mask[i] ? x / divisor : 0.0f;
-    }
+    const float divisor = rescale ? in.model_params[m].density : 1.0f;
+    masked_delta(keep[m].data(), in.models[m].data(), in.base.data(), divisor, d.data(), d.size());
   });
 }
 }  // namespace
