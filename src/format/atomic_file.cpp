@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <utility>
 
+#include <fmt/format.h>
+
 #include "format/internal.hpp"
 #include "taskvec/error.hpp"
 #include "taskvec/safetensors.hpp"
@@ -31,7 +33,7 @@ std::filesystem::path folder_of(const std::filesystem::path& path) {
 
 AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(std::move(path)) {
   if (path_.filename().empty()) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a file path");
-  std::string templ = (folder_of(path_) / ("." + path_.filename().string() + ".tmp-XXXXXX")).string();
+  std::string templ = (folder_of(path_) / fmt::format(".{}.tmp-XXXXXX", path_.filename().string())).string();
   fd_ = ::mkostemp(templ.data(), O_CLOEXEC);
   if (fd_ < 0) fail_errno(errno, path_, "create a temporary file in " + folder_of(path_).string());
   temp_path_ = templ;

@@ -3,6 +3,8 @@
 #include <string>
 #include <tuple>
 
+#include <fmt/format.h>
+
 #include "format/internal.hpp"
 #include "taskvec/error.hpp"
 #include "taskvec/safetensors.hpp"
@@ -193,7 +195,7 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> file_prefi
   std::uint64_t expected = 0;
   const std::string* previous = nullptr;
   for (const TensorInfo* t : by_offset) {
-    const std::string offsets = "[" + std::to_string(t->data_begin) + ", " + std::to_string(t->data_end) + "]";
+    const std::string offsets = fmt::format("[{}, {}]", t->data_begin, t->data_end);
     if (t->data_end < t->data_begin) {
       fail_tensor(ErrorCode::kInvalidOffsets, label, t->name, "data_offsets " + offsets + " end before begin");
     }

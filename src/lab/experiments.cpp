@@ -194,7 +194,7 @@ Json run_analogy(SeedState& s, const LabConfig& c) {
   std::vector<double> axis_pre, axis_a1, axis_noa;  // per style axis, mean over its 4 targets
   for (const auto& axis : c.analogy_axes) {
     const std::size_t first = pre_v.size();
-    for (const std::string style : {std::string("mnist"), axis}) {
+    for (const std::string& style : {std::string("mnist"), axis}) {
       const std::string other = style == "mnist" ? axis : "mnist";
       for (const std::string half : {"lo", "hi"}) {
         const std::string other_half = half == "lo" ? "hi" : "lo";
