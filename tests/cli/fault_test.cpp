@@ -366,10 +366,14 @@ TEST_F(Fault, ManyShardsPassALowSoftOpenFileLimit) {
   fs::copy(a, b);
   const std::vector<std::string> args{"edit", "-q", "pre + 0.5*(ft - pre)", "-m", "pre=" + a.string(),
                                       "-m", "ft=" + b.string(), "-o", edited.string()};
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  // Not under the sanitizers: their runtimes need descriptors of their own (UBSan's type check reads
+  // the module list) and report a false "invalid vptr" when the process has none left.
   const pid_t low_hard = spawn(args, logs, {.open_files_soft = 64, .open_files_hard = 64});
   EXPECT_EQ(wait_status(low_hard), 3) << read_text(logs / "stderr.txt");
   EXPECT_NE(read_text(logs / "stderr.txt").find("Too many open files"), std::string::npos) << read_text(logs / "stderr.txt");
   EXPECT_FALSE(fs::exists(edited));
+#endif
   const pid_t low_soft = spawn(args, logs, {.open_files_soft = 64});
   EXPECT_EQ(wait_status(low_soft), 0) << read_text(logs / "stderr.txt");
   EXPECT_EQ(read_values(edited, "layers.47.weight"), std::vector<double>(1024, 0.5));
