@@ -138,13 +138,27 @@ class CheckpointWriter {
   void write(std::string_view name, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
   /// Same, addressed by (shard, index) from plan().location; the fast path.
   void write(std::size_t shard, std::size_t index, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
+  /// Publishes the output: every shard, the auxiliary files (copied into a folder output) and the
+  /// index are first written and fsynced under temp names, so a full disk or an unreadable auxiliary
+  /// file fails before any final name exists; then they are renamed, the index last. With force, model
+  /// files of an earlier output in the folder that this one does not have are removed (never an input).
+  /// Throws Error{kDiskFull, kIo, kOutputExists}.
   void commit(const std::vector<std::filesystem::path>& auxiliary_files = {});
+  /// Without commit(): removes the temp files, and the output folder if this writer created it and it
+  /// is empty.
+  ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
 
  private:
+  void remove_stale_model_files() const;
+
   CheckpointPlan plan_;
+  std::vector<std::filesystem::path> inputs_;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
   bool force_ = false;
   bool committed_ = false;
+  bool created_folder_ = false;
 };
 
 /// Validates a checkpoint completely (open() plus nothing else to check today); returns normally or

@@ -167,6 +167,9 @@ class AtomicFile {
   /// dirty pages (sync_file_range, SYNC_FILE_RANGE_WRITE: no wait) so the disk writes during the
   /// stream and the fsync of commit() finds little left to do.
   void write_at(std::uint64_t offset, std::span<const std::byte> bytes) const;
+  /// fsyncs the temp file (the slow, fallible half of commit(); nothing is published yet).
+  void sync();
+  /// sync() if not done yet, then renames the temp file onto path() and fsyncs the folder.
   void commit();
   static constexpr std::uint64_t kWritebackBytes = std::uint64_t{32} << 20;
   const std::filesystem::path& path() const noexcept { return path_; }
@@ -177,6 +180,7 @@ class AtomicFile {
   std::filesystem::path temp_path_;
   int fd_ = -1;
   bool committed_ = false;
+  bool synced_ = false;
   mutable std::atomic<std::uint64_t> unsynced_{0};  // bytes written since the last write-back start
 };
 
@@ -188,6 +192,7 @@ class SafetensorsWriter {
   /// Writes `bytes` at byte `offset_in_tensor` of tensor number `index` (of layout().tensors).
   /// Thread-safe. Throws Error{kInternal} if the write would leave the tensor's span.
   void write_tensor(std::size_t index, std::uint64_t offset_in_tensor, std::span<const std::byte> bytes) const;
+  void sync() { file_.sync(); }
   void commit() { file_.commit(); }
 
  private:

@@ -30,6 +30,10 @@ void read_decoded(const CheckpointTensor& t, std::uint64_t begin, std::uint64_t 
 void copy_tensor_bytes(const CheckpointTensor& t, std::uint64_t byte_begin, std::uint64_t byte_count,
                        const CheckpointWriter& writer, std::size_t shard, std::size_t index, std::vector<std::byte>& staging);
 
+/// True when `a` and `b` hold the same number of bytes and the same bytes (read with pread, 256 KiB
+/// pieces). Throws as CheckpointTensor::read.
+bool same_bytes(const CheckpointTensor& a, const CheckpointTensor& b);
+
 /// "[2, 3]" for messages.
 std::string shape_text(const std::vector<std::uint64_t>& shape);
 

@@ -27,6 +27,7 @@ constexpr std::uint64_t kMaxChunkElements = 1u << 16;
 // A chunk is computed in blocks whose decoded base, accumulator and input (3 x 8 KiB in f32) stay in L1:
 // every pass over them after the decode hits L1.
 constexpr std::uint64_t kBlockElements = 2048;
+constexpr std::uint64_t kCopyItemBytes = std::uint64_t{8} << 20;
 constexpr std::uint64_t kLaneBytes = 3 * kBlockElements * sizeof(double);  // Lanes<float> + Lanes<double>, at most
 
 std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
@@ -322,9 +323,7 @@ class Engine {
                                   dtype_name(bi.dtype), file_of(*job->base), dtype_name(t->info->dtype), file_of(*t)));
         }
         if (!editable && term.relative) {
-          auto a = job->base->bytes();
-          auto b = t->bytes();
-          if (t->info->dtype != bi.dtype || a.size() != b.size() || std::memcmp(a.data(), b.data(), a.size()) != 0) {
+          if (t->info->dtype != bi.dtype || !detail::same_bytes(*job->base, *t)) {
             report.warnings.push_back(fmt::format("tensor '{}' ({}) differs in {}: integer/bool tensors are never "
                                                   "combined, it is copied from the pretrained checkpoint",
                                                   name, dtype_name(bi.dtype), file_of(*t)));
@@ -340,8 +339,11 @@ class Engine {
           job->input_elements.push_back(t->info->num_elements());
           job->shape[0] = std::max(job->shape[0], t->info->shape[0]);
         }
-        job->elements = job->base_elements / std::max<std::uint64_t>(bi.shape[0], 1) * job->shape[0];
-        if (bi.shape[0] == 0) job->elements = 0;
+        // Elements per row from the trailing dimensions (all inputs share them), so that a base with no
+        // rows still gives the rows of the others.
+        std::uint64_t row = 1;
+        for (std::size_t d = 1; d < bi.shape.size(); ++d) row *= bi.shape[d];
+        job->elements = row * job->shape[0];
         const CheckpointTensor* provider = nullptr;
         for (const CheckpointTensor* t : job->inputs) {
           if (t->info->shape[0] == job->shape[0]) {
@@ -388,7 +390,9 @@ class Engine {
     for (std::size_t j = 0; j < jobs_.size(); ++j) {
       Job& job = *jobs_[j];
       std::uint64_t total = job.compute ? job.elements : job.base->info->num_bytes();
-      std::uint64_t step = job.compute ? chunk_elements_ : chunk_elements_ * 8;
+      // Copies move through one read piece at a time whatever the item size; items of kCopyItemBytes
+      // only spread large tensors over the workers.
+      std::uint64_t step = job.compute ? chunk_elements_ : kCopyItemBytes;
       std::uint64_t n = 0;
       for (std::uint64_t begin = 0; begin < total; begin += step, ++n) {
         items.push_back({j, begin, std::min(step, total - begin)});

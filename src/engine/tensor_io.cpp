@@ -1,5 +1,6 @@
 // Reading tensor ranges for the engine: pread into a small staging buffer, then decode (internal.hpp).
 #include <algorithm>
+#include <cstring>
 
 #include "engine/internal.hpp"
 #include "taskvec/dtype.hpp"
@@ -49,6 +50,20 @@ void copy_tensor_bytes(const CheckpointTensor& t, std::uint64_t byte_begin, std:
     writer.write(shard, index, byte_begin + done, bytes);
     done += m;
   }
+}
+
+bool same_bytes(const CheckpointTensor& a, const CheckpointTensor& b) {
+  const std::uint64_t size = a.info->num_bytes();
+  if (b.info->num_bytes() != size) return false;
+  std::vector<std::byte> x(std::min(size, kReadPieceBytes)), y(x.size());
+  for (std::uint64_t done = 0; done < size;) {
+    const std::uint64_t m = std::min<std::uint64_t>(x.size(), size - done);
+    a.read(done, {x.data(), m});
+    b.read(done, {y.data(), m});
+    if (std::memcmp(x.data(), y.data(), m) != 0) return false;
+    done += m;
+  }
+  return true;
 }
 
 }  // namespace taskvec::detail

@@ -77,6 +77,7 @@ AtomicFile::AtomicFile(AtomicFile&& other) noexcept
       temp_path_(std::exchange(other.temp_path_, {})),
       fd_(std::exchange(other.fd_, -1)),
       committed_(std::exchange(other.committed_, true)),
+      synced_(other.synced_),
       unsynced_(other.unsynced_.load()) {}
 
 AtomicFile::~AtomicFile() {
@@ -106,9 +107,15 @@ void AtomicFile::write_at(std::uint64_t offset, std::span<const std::byte> bytes
   }
 }
 
+void AtomicFile::sync() {
+  if (fd_ < 0 || committed_) throw Error(ErrorCode::kInternal, path_.string() + ": sync after commit");
+  if (::fsync(fd_) != 0) fail_errno(errno, path_, "sync");
+  synced_ = true;
+}
+
 void AtomicFile::commit() {
   if (fd_ < 0 || committed_) throw Error(ErrorCode::kInternal, path_.string() + ": committed twice");
-  if (::fsync(fd_) != 0) fail_errno(errno, path_, "sync");
+  if (!synced_) sync();
   const int fd = std::exchange(fd_, -1);
   if (::close(fd) != 0) fail_errno(errno, path_, "close");
   if (::rename(temp_path_.c_str(), path_.c_str()) != 0) fail_errno(errno, path_, "rename the temporary file onto");

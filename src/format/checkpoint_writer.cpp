@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -42,7 +43,8 @@ std::vector<fs::path> protected_paths(const fs::path& in) {
   return out;
 }
 
-void copy_atomically(const fs::path& from, const fs::path& to) {
+// Copies `from` into a temp file beside `to`, synced but not yet renamed (AtomicFile::commit publishes it).
+AtomicFile prepare_copy(const fs::path& from, const fs::path& to) {
   const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -70,12 +72,20 @@ void copy_atomically(const fs::path& from, const fs::path& to) {
       done += static_cast<std::uint64_t>(n);
     }
     if (done != size) throw Error(ErrorCode::kIo, from.string() + ": changed size while being copied");
-    out.commit();
+    out.sync();
+    ::close(fd);
+    return out;
   } catch (...) {
     ::close(fd);
     throw;
   }
-  ::close(fd);
+}
+
+// "model.safetensors" or "model-NNNNN-of-NNNNN.safetensors": the names a checkpoint writer gives.
+bool is_model_file_name(const std::string& name) {
+  if (name == "model.safetensors" || name == kIndexFileName) return true;
+  return name.size() == std::string("model-00001-of-00002.safetensors").size() && name.rfind("model-", 0) == 0 &&
+         name.find("-of-") == 11 && name.ends_with(".safetensors");
 }
 
 }  // namespace
@@ -127,7 +137,7 @@ CheckpointPlan CheckpointPlan::build(const fs::path& output, std::vector<TensorS
 
 CheckpointWriter::CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOptions& options,
                                    const std::vector<fs::path>& inputs)
-    : plan_(std::move(plan)), force_(options.force) {
+    : plan_(std::move(plan)), inputs_(inputs), force_(options.force) {
   std::error_code ec;
   const fs::path& out = plan_.output;
   std::vector<fs::path> targets;
@@ -162,11 +172,20 @@ CheckpointWriter::CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOpt
     }
   }
   if (plan_.is_folder) {
-    fs::create_directories(out, ec);
-    if (ec) throw Error(ErrorCode::kIo, out.string() + ": cannot create the folder: " + ec.message());
+    created_folder_ = fs::create_directories(out, ec);
+    if (ec) {
+      throw Error(ec.value() == ENOSPC || ec.value() == EDQUOT ? ErrorCode::kDiskFull : ErrorCode::kIo,
+                  out.string() + ": cannot create the folder: " + ec.message());
+    }
   }
   writers_.reserve(plan_.shards.size());
-  for (const auto& s : plan_.shards) writers_.push_back(std::make_unique<SafetensorsWriter>(s.path, s.layout));
+  try {
+    for (const auto& s : plan_.shards) writers_.push_back(std::make_unique<SafetensorsWriter>(s.path, s.layout));
+  } catch (...) {  // e.g. a full disk when reserving: the destructor does not run for a failed constructor
+    writers_.clear();
+    if (created_folder_) ::rmdir(out.c_str());
+    throw;
+  }
 }
 
 void CheckpointWriter::write(std::string_view name, std::uint64_t offset_in_tensor,
@@ -202,29 +221,62 @@ void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files) {
       copies.emplace_back(aux, dest);
     }
   }
-  committed_ = true;
-  for (auto& w : writers_) w->commit();
-  for (const auto& [from, to] : copies) copy_atomically(from, to);
-  if (!plan_.is_folder) return;
+  // Everything that can fail for lack of space or a bad source happens before anything is published:
+  // the shards are synced, the auxiliary files copied and synced, the index written and synced, all
+  // under temp names. Then the renames: auxiliary files, shards, the index last (a reader sees a
+  // complete model only once its last file has its final name).
+  for (auto& w : writers_) w->sync();
+  std::vector<AtomicFile> prepared;
+  prepared.reserve(copies.size());
+  for (const auto& [from, to] : copies) prepared.push_back(prepare_copy(from, to));
+  std::optional<AtomicFile> index;
   const fs::path index_path = out / kIndexFileName;
-  if (plan_.shards.size() == 1) {
-    // A stale index (possible only with force) would hide the new model.safetensors from readers.
-    if (fs::exists(fs::symlink_status(index_path, ec)) && ::unlink(index_path.c_str()) != 0) {
-      const int err = errno;
-      throw Error(ErrorCode::kIo, index_path.string() + ": cannot remove the stale index: " + format_detail::errno_text(err));
+  if (plan_.is_folder && plan_.shards.size() > 1) {
+    nlohmann::json weight_map = nlohmann::json::object();
+    for (const auto& s : plan_.shards) {
+      const std::string file = s.path.filename().string();
+      for (const auto& t : s.layout.tensors) weight_map[t.name] = file;
     }
-    return;
+    const nlohmann::json json = {{"metadata", {{"total_size", plan_.total_bytes}}}, {"weight_map", weight_map}};
+    const std::string text = json.dump(2) + "\n";
+    index.emplace(index_path, text.size());
+    index->write_at(0, std::as_bytes(std::span(text.data(), text.size())));
+    index->sync();
   }
-  nlohmann::json weight_map = nlohmann::json::object();
-  for (const auto& s : plan_.shards) {
-    const std::string file = s.path.filename().string();
-    for (const auto& t : s.layout.tensors) weight_map[t.name] = file;
+  committed_ = true;
+  for (auto& f : prepared) f.commit();
+  for (auto& w : writers_) w->commit();
+  if (index) index->commit();
+  if (plan_.is_folder && force_) remove_stale_model_files();
+}
+
+void CheckpointWriter::remove_stale_model_files() const {
+  // With --force over an earlier output: its model files that this output does not have would be
+  // read in place of (or beside) the new ones (a stale model.safetensors before the new index, shards
+  // of another count). Inputs are never removed.
+  std::set<std::string> ours;
+  for (const auto& s : plan_.shards) ours.insert(s.path.filename().string());
+  if (plan_.shards.size() > 1) ours.insert(kIndexFileName);
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(plan_.output, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (ours.count(name) || !is_model_file_name(name)) continue;
+    bool input = false;
+    for (const auto& in : inputs_) input = input || format_detail::same_path(entry.path(), in);
+    if (input) continue;
+    if (::unlink(entry.path().c_str()) != 0) {
+      const int err = errno;
+      throw Error(ErrorCode::kIo, entry.path().string() + ": cannot remove the stale file of an earlier output: " +
+                                      format_detail::errno_text(err));
+    }
   }
-  const nlohmann::json index = {{"metadata", {{"total_size", plan_.total_bytes}}}, {"weight_map", weight_map}};
-  const std::string text = index.dump(2) + "\n";
-  AtomicFile file(index_path, text.size());
-  file.write_at(0, std::as_bytes(std::span(text.data(), text.size())));
-  file.commit();
+}
+
+CheckpointWriter::~CheckpointWriter() {
+  // An output that was never committed leaves nothing: the writers remove their temp files, then an
+  // output folder this writer created is removed if it is empty.
+  writers_.clear();
+  if (!committed_ && created_folder_) ::rmdir(plan_.output.c_str());
 }
 
 }  // namespace taskvec

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -247,7 +248,19 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> file_prefi
 
 std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
   MappedFile file = MappedFile::open(path);
-  SafetensorsHeader header = parse_safetensors_header(file.bytes(), file.size(), path.string());
+  // The header is read with pread, not through the mapping: a file that shrinks after it was opened
+  // is then a clean kIo error instead of a SIGBUS. At most 8 + kMaxHeaderSize bytes are read.
+  std::vector<std::byte> prefix(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 8)));
+  file.read_at(0, prefix);
+  if (prefix.size() == 8) {
+    std::uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint8_t>(prefix[static_cast<std::size_t>(i)]);
+    if (n <= kMaxHeaderSize) {
+      prefix.resize(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 8 + n)));
+      file.read_at(0, prefix);
+    }
+  }
+  SafetensorsHeader header = parse_safetensors_header(prefix, file.size(), path.string());
   return std::make_shared<const SafetensorsFile>(std::move(file), std::move(header));
 }
 

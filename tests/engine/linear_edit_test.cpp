@@ -461,6 +461,49 @@ TEST(LinearEditPieces, ResizedRowsAreReadPieceByPiece) {
   }
 }
 
+// An input that shrinks after it was opened (another process truncating it) is a clean kIo error naming
+// the file, not a SIGBUS: headers, integer-tensor comparisons and data are all read with pread.
+TEST(LinearEditPieces, InputTruncatedAfterOpeningIsAnIoError) {
+  TempDir dir;
+  const std::size_t n = 100000;
+  std::vector<double> ids(n), w(n, 0.5);
+  for (std::size_t i = 0; i < n; ++i) ids[i] = static_cast<double>(i);
+  write_model(dir / "pre.safetensors", {{"ids", DType::kI64, {n}, ids}, {"w", DType::kF32, {n}, w}});
+  write_model(dir / "ft.safetensors", {{"ids", DType::kI64, {n}, ids}, {"w", DType::kF32, {n}, w}});
+  auto pre = Checkpoint::open(dir / "pre.safetensors");
+  auto ft = Checkpoint::open(dir / "ft.safetensors");
+  std::filesystem::resize_file(dir / "ft.safetensors", 4096 * 50);  // inside "ids", page-aligned
+  try {
+    linear_edit(pre, 1.0, {{&ft, 0.5, true}}, dir / "out.safetensors", EditOptions{});
+    FAIL() << "expected kIo";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIo);
+    EXPECT_NE(std::string(e.what()).find("ft.safetensors"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
+  try {
+    Checkpoint::open(dir / "ft.safetensors");  // now shorter than its header says
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIncompleteBuffer);
+  }
+}
+
+// --merge-extra-rows with a base of no rows: the rows come from the input that has them.
+TEST(LinearEditPieces, ResizedFromABaseWithNoRows) {
+  TempDir dir;
+  write_model(dir / "pre.safetensors", {{"embed", DType::kF32, {0, 4}, {}}});
+  std::vector<double> rows(3 * 4);
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<double>(i) + 0.5;
+  write_model(dir / "ft.safetensors", {{"embed", DType::kF32, {3, 4}, rows}});
+  auto pre = Checkpoint::open(dir / "pre.safetensors");
+  auto ft = Checkpoint::open(dir / "ft.safetensors");
+  EditOptions options;
+  options.merge_extra_rows = true;
+  linear_edit(pre, 1.0, {{&ft, 0.5, true}}, dir / "out.safetensors", options);
+  EXPECT_EQ(read_values(dir / "out.safetensors", "embed"), rows);
+}
+
 TEST(Similarity, CosineNormsAndSignConflictsByHand) {
   TempDir dir;
   write_model(dir / "p.safetensors", {{"w", DType::kF32, {3}, {1, 1, 1}}});

@@ -239,12 +239,61 @@ TEST(CheckpointWriter, UncommittedLeavesNoFinalAndNoTempFiles) {
     EXPECT_EQ(listing(out).size(), 3u);  // three temp files while writing
     for (const auto& n : listing(out)) EXPECT_EQ(n[0], '.');
   }
-  EXPECT_TRUE(listing(out).empty());
+  EXPECT_FALSE(std::filesystem::exists(out));  // the folder it created, now empty, is removed too
   {
     CheckpointWriter w(CheckpointPlan::build(tmp / "f.safetensors", five_specs(), {}, {}), {});
     write_all(w);
   }
+  EXPECT_TRUE(listing(tmp.path()).empty());
+  // A folder that existed before is left in place.
+  std::filesystem::create_directory(out);
+  {
+    const CheckpointWriteOptions opts{.max_shard_size = 40};
+    CheckpointWriter w(CheckpointPlan::build(out, five_specs(), {}, opts), opts);
+    write_all(w);
+  }
   EXPECT_EQ(listing(tmp.path()), std::vector<std::string>{"o"});
+  EXPECT_TRUE(listing(out).empty());
+}
+
+// An auxiliary file that cannot be copied (here one that changes size while read: /proc reports 0
+// bytes) fails the commit before any file has its final name, and the writer then leaves nothing.
+TEST(CheckpointWriter, FailedAuxiliaryCopyPublishesNothing) {
+  test::TempDir tmp;
+  const auto out = tmp / "o";
+  for (const std::uint64_t max_shard : {std::uint64_t{1} << 20, std::uint64_t{40}}) {  // one shard, three
+    {
+      const CheckpointWriteOptions opts{.max_shard_size = max_shard};
+      CheckpointWriter w(CheckpointPlan::build(out, five_specs(), {}, opts), opts);
+      write_all(w);
+      EXPECT_EQ(code_of([&] { w.commit({"/proc/self/status"}); }), ErrorCode::kIo);
+      for (const auto& n : listing(out)) EXPECT_EQ(n[0], '.') << n << " has a final name";
+    }
+    EXPECT_FALSE(fs::exists(out));
+  }
+}
+
+// --force over an earlier output of another shard count: the earlier model files go, other files stay.
+TEST(CheckpointWriter, ForceRemovesTheModelFilesOfAnEarlierOutput) {
+  test::TempDir tmp;
+  const auto out = tmp / "o";
+  auto write = [&](std::uint64_t max_shard) {
+    const CheckpointWriteOptions opts{.max_shard_size = max_shard, .force = true};
+    CheckpointWriter w(CheckpointPlan::build(out, five_specs(), {}, opts), opts);
+    write_all(w);
+    w.commit();
+  };
+  write(40);
+  test::write_file(out / "notes.txt", "mine");
+  EXPECT_EQ(listing(out), (std::vector<std::string>{"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                                    "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+                                                    "notes.txt"}));
+  write(1 << 20);
+  EXPECT_EQ(listing(out), (std::vector<std::string>{"model.safetensors", "notes.txt"}));
+  write(40);
+  EXPECT_EQ(listing(out), (std::vector<std::string>{"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                                    "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+                                                    "notes.txt"}));
 }
 
 TEST(CheckpointWriter, WriteByUnknownNameAndDoubleCommit) {
