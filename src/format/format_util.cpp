@@ -1,8 +1,8 @@
 #include <cerrno>
 #include <cstring>
-#include <set>
 #include <string>
 #include <system_error>
+#include <unordered_set>
 
 #include "format/internal.hpp"
 #include "taskvec/safetensors.hpp"
@@ -68,32 +68,38 @@ struct DuplicateKeyFound {
 
 }  // namespace
 
+// The SAX handler of that pass: accepts every value, throws DuplicateKeyFound at a repeated key.
+class DuplicateKeyCheck : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    open_.emplace_back();
+    return true;
+  }
+  bool key(string_t& key) override {
+    if (!open_.empty() && !open_.back().insert(key).second) throw DuplicateKeyFound{key};
+    return true;
+  }
+  bool end_object() override {
+    if (!open_.empty()) open_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) override { return true; }
+  bool end_array() override { return true; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+
+ private:
+  std::vector<std::unordered_set<std::string>> open_;
+};
+
 nlohmann::json parse_json_strict(std::string_view text, const std::string& label, ErrorCode syntax_code,
                                  ErrorCode duplicate_code) {
-  // nlohmann keeps the last of two equal keys without telling; the callback sees every key of every
-  // object as it is parsed, so a stack of key sets (one per open object) catches duplicates anywhere.
-  // Arrays push nothing: only objects have keys.
-  std::vector<std::set<std::string>> open_objects;
-  auto callback = [&open_objects](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using E = nlohmann::json::parse_event_t;
-    switch (event) {
-      case E::object_start:
-        open_objects.emplace_back();
-        break;
-      case E::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        break;
-      case E::key:
-        if (!open_objects.empty()) {
-          const auto& key = parsed.get_ref<const std::string&>();
-          if (!open_objects.back().insert(key).second) throw DuplicateKeyFound{key};
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
   // nlohmann builds nested values with heap nodes; cap nesting before parsing so a hostile 100 MB
   // header of '[' cannot make it allocate millions of nodes. Real headers nest 3 deep.
   constexpr int kMaxDepth = 64;
@@ -122,7 +128,12 @@ nlohmann::json parse_json_strict(std::string_view text, const std::string& label
     }
   }
   try {
-    return nlohmann::json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true);
+    // nlohmann keeps the last of two equal keys without telling: a SAX pass over the text finds them
+    // first (a key set per open object). Its callback parser could too, but it rescans the parent
+    // object every time a child object ends: quadratic in the number of tensors (22 s for 64k).
+    DuplicateKeyCheck check;
+    (void)nlohmann::json::sax_parse(text.begin(), text.end(), &check);  // false on a syntax error: parse says which
+    return nlohmann::json::parse(text.begin(), text.end());
   } catch (const DuplicateKeyFound& dup) {
     throw Error(duplicate_code, label + ": duplicate JSON key " + quote_name(dup.key));
   } catch (const nlohmann::json::exception& e) {
