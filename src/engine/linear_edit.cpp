@@ -344,17 +344,16 @@ class Engine {
         std::uint64_t row = 1;
         for (std::size_t d = 1; d < bi.shape.size(); ++d) row *= bi.shape[d];
         job->elements = row * job->shape[0];
-        const CheckpointTensor* provider = nullptr;
+        // Each row past the base comes from the first input that has it (run_resized_chunk): one
+        // warning per input that provides some.
+        std::uint64_t covered = bi.shape[0];
         for (const CheckpointTensor* t : job->inputs) {
-          if (t->info->shape[0] == job->shape[0]) {
-            provider = t;
-            break;
-          }
-        }
-        if (job->shape[0] > bi.shape[0] && provider != nullptr) {
+          const std::uint64_t rows = t->info->shape[0];
+          if (rows <= covered) continue;
           report.warnings.push_back(fmt::format("tensor '{}': rows {}..{} are not in the pretrained checkpoint: copied "
                                                 "from {} (the first input that has them), not combined",
-                                                name, bi.shape[0], job->shape[0] - 1, file_of(*provider)));
+                                                name, covered, rows - 1, file_of(*t)));
+          covered = rows;
         }
       }
       if (!editable) {

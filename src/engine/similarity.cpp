@@ -1,6 +1,7 @@
 // Norms, cosine similarities and sign conflicts of task vectors, with fixed-order reductions: every
 // 64 Ki-element chunk produces f64 partial sums, combined in chunk order, so the result is the same for
 // any thread count.
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -110,7 +111,8 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
   for (std::size_t i = 0; i < n; ++i) {
     for (std::size_t j = i; j < n; ++j) {
       double denom = report.norms[i] * report.norms[j];
-      double cosine = denom > 0 ? total[i * n + j] / denom : 0.0;
+      // Clamped: the rounding of the dot product and the norms can put |cos| a few ulps above 1.
+      double cosine = denom > 0 ? std::clamp(total[i * n + j] / denom, -1.0, 1.0) : 0.0;
       double both = total[2 * n * n + i * n + j];
       double conflict = both > 0 ? total[n * n + i * n + j] / both : 0.0;
       report.cosine[i][j] = report.cosine[j][i] = cosine;

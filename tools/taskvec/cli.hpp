@@ -28,7 +28,8 @@ struct EditFlags {
   std::string memory_budget_text = "512MiB";
   std::string max_shard_size_text = "5GB";
 };
-void add_edit_flags(CLI::App& command, EditFlags& flags);
+/// `linear`: also --merge-extra-rows and --untie-embeddings (diff, apply, edit; not merge).
+void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear = true);
 /// Parses the text flags into flags.options (sizes like 512MiB, 5GB, 1000000); sets a progress
 /// display on stderr when it is a terminal and not --quiet. Throws Error{kInvalidArgument}.
 void finish_edit_options(EditFlags& flags, const GlobalFlags& global);

@@ -13,7 +13,7 @@
 
 namespace taskvec::cli {
 
-void add_edit_flags(CLI::App& command, EditFlags& flags) {
+void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear) {
   command.add_option("--dtype", flags.dtype_text,
                      "Output dtype of float tensors: f32, f16, bf16, f64, f8_e4m3, f8_e5m2 (default: the pretrained "
                      "tensor's dtype; F32 for task vectors)");
@@ -22,19 +22,20 @@ void add_edit_flags(CLI::App& command, EditFlags& flags) {
                      "Do not edit tensors whose name matches this regex; they are copied from the pretrained checkpoint");
   command.add_option("--threads", flags.options.threads, "Worker threads (default: all cores)");
   command.add_option("--memory-budget", flags.memory_budget_text,
-                     "Bytes of decoded chunks in flight, e.g. 512MiB (default 512MiB)");
+                     "Bytes of input and output chunks in flight, e.g. 512MiB (default 512MiB)");
   command.add_option("--max-shard-size", flags.max_shard_size_text,
                      "Largest shard of a folder output, e.g. 5GB (default 5GB)");
   command.add_flag("--force", flags.options.write.force,
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
+  command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
+  if (!linear) return;  // the two flags below exist for diff / apply / edit only
   command.add_flag("--merge-extra-rows", flags.options.merge_extra_rows,
                    "Tensors whose first dimension differs (e.g. a vocabulary of 32007 vs 32000 rows): combine the "
                    "rows all inputs have, copy the extra rows from the first input that has them");
   command.add_flag("--untie-embeddings", flags.options.untie_embeddings,
                    "When tied-embedding checkpoints (no lm_head.weight) meet ones with their own lm_head.weight, "
                    "read the tied ones' head from their embedding and write an untied output");
-  command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
 }
 
 std::uint64_t parse_size(const std::string& text) {

@@ -21,7 +21,7 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
       ->required();
   cmd->add_option("-o,--output", args->output, "Output .safetensors file or folder")->required();
   cmd->add_option("--seed", args->seed, "Seed of the random masks (dare_*, della); overrides the recipe's seed");
-  add_edit_flags(*cmd, args->flags);
+  add_edit_flags(*cmd, args->flags, /*linear=*/false);
   cmd->callback([&global, &action, args] {
     action = [&global, args] {
       finish_edit_options(args->flags, global);
