@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <set>
 
 #include <fmt/format.h>
@@ -648,7 +649,16 @@ EditReport edit_expression(const std::map<std::string, const Checkpoint*>& model
   for (const auto& [name, coefficient] : parsed.coefficients) {
     if (name != pretrained_name) terms.push_back({models.at(name), coefficient, true});
   }
+  // The coefficients come from decimal literals combined in doubles, so an expression meant to keep the
+  // base (sum 1, a model) or drop it (sum 0, a task vector) can sum to 1 -+ 2^-53 or to 2^-54: snap
+  // sums within a few roundings of 1 or 0 to the exact value, or the base would be scaled by it
+  // (1-ulp changes on the f64 path, a residue of the base in a task vector).
   double total = parsed.total();
+  double magnitude = 0;
+  for (const auto& [name, coefficient] : parsed.coefficients) magnitude += std::abs(coefficient);
+  const double rounding = 16 * std::numeric_limits<double>::epsilon() * std::max(1.0, magnitude);
+  if (std::abs(total - 1.0) <= rounding) total = 1.0;
+  if (std::abs(total) <= rounding) total = 0.0;
   EditReport report = Engine(base, total, terms, options, DtypePolicy::kBase).run(output, base.metadata());
   if (std::abs(total - 1.0) > 1e-9) {
     report.warnings.insert(report.warnings.begin(),

@@ -504,6 +504,21 @@ TEST(LinearEditPieces, ResizedFromABaseWithNoRows) {
   EXPECT_EQ(read_values(dir / "out.safetensors", "embed"), rows);
 }
 
+// In 'pre + 1.1*tau(a) - 0.3*tau(b) + 0.45*tau(c)' the coefficients (pre: 1 - 1.1 + 0.3 - 0.45) sum
+// to 1 - 2^-53 in doubles. The base scale must still be exactly 1: with a = b = c = pre the F64 output
+// is pre bit for bit (it was pre * (1 - 2^-53) before).
+TEST_F(LinearEdit, CoefficientsThatSumToOneUpToRoundingKeepTheBaseExact) {
+  write_model(dir / "p64.safetensors", {{"w", DType::kF64, {4}, {0.1, 1.0 / 3.0, 1e10 + 1, -2.5}}});
+  Checkpoint pre = Checkpoint::open(dir / "p64.safetensors");
+  Checkpoint same = Checkpoint::open(dir / "p64.safetensors");
+  const std::string expression = "pre + 1.1*tau(a) - 0.3*tau(b) + 0.45*tau(c)";
+  const LinearExpression parsed = parse_expression(expression, {"pre", "a", "b", "c"}, "pre");
+  ASSERT_NE(parsed.total(), 1.0);  // the premise: the sum is off by rounding
+  edit_expression({{"pre", &pre}, {"a", &same}, {"b", &same}, {"c", &same}}, "pre", expression, dir / "o64.safetensors",
+                  options);
+  EXPECT_EQ(read_tensor_bytes(dir / "o64.safetensors", "w"), read_tensor_bytes(dir / "p64.safetensors", "w"));
+}
+
 TEST(Similarity, CosineNormsAndSignConflictsByHand) {
   TempDir dir;
   write_model(dir / "p.safetensors", {{"w", DType::kF32, {3}, {1, 1, 1}}});
