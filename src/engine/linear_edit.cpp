@@ -361,7 +361,7 @@ class Engine {
         job->out = bi.dtype;
         job->compute = false;
       } else {
-        job->apply_terms = filter.selects(name);
+        job->apply_terms = filter.selects(name) && !terms_.empty();
         if (options_.out_dtype) {
           job->out = *options_.out_dtype;
         } else if (policy_ == DtypePolicy::kTaskVector) {
@@ -376,7 +376,7 @@ class Engine {
         job->wide = bi.dtype == DType::kF64 || job->out == DType::kF64;
         for (const CheckpointTensor* t : job->inputs) job->wide = job->wide || t->info->dtype == DType::kF64;
       }
-      if (job->compute && job->apply_terms) {
+      if (job->compute && (job->apply_terms || scale_ != 1.0)) {
         ++report.tensors_edited;
       } else {
         ++report.tensors_copied;

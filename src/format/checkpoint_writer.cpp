@@ -94,6 +94,7 @@ CheckpointPlan CheckpointPlan::build(const fs::path& output, std::vector<TensorS
                                      const std::map<std::string, std::string>& metadata,
                                      const CheckpointWriteOptions& options) {
   if (options.max_shard_size == 0) throw Error(ErrorCode::kInvalidArgument, "max_shard_size must be positive");
+  if (output.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   CheckpointPlan plan;
   plan.output = output;
   plan.is_folder = output.extension() != ".safetensors";

@@ -519,6 +519,24 @@ TEST_F(LinearEdit, CoefficientsThatSumToOneUpToRoundingKeepTheBaseExact) {
   EXPECT_EQ(read_tensor_bytes(dir / "o64.safetensors", "w"), read_tensor_bytes(dir / "p64.safetensors", "w"));
 }
 
+// The report counts a tensor as edited only when its values are recomputed from terms or a scale:
+// 'pre' alone copies every tensor, '0.5*pre' scales (edits) them.
+TEST_F(LinearEdit, EditedAndCopiedCounts) {
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  Checkpoint ft = Checkpoint::open(dir / "ft.safetensors");
+  const std::map<std::string, const Checkpoint*> models{{"pre", &pre}, {"a", &ft}};
+  EditReport copy = edit_expression(models, "pre", "pre", dir / "copy.safetensors", options);
+  EXPECT_EQ(copy.tensors_edited, 0u);
+  EXPECT_EQ(copy.tensors_copied, 1u);
+  EXPECT_EQ(read_tensor_bytes(dir / "copy.safetensors", "w"), read_tensor_bytes(dir / "pre.safetensors", "w"));
+  EditReport scaled = edit_expression(models, "pre", "0.5*pre", dir / "half.safetensors", options);
+  EXPECT_EQ(scaled.tensors_edited, 1u);
+  EXPECT_EQ(read_values(dir / "half.safetensors", "w"), (std::vector<double>{0.5, 1, 1.5, 2}));
+  EditReport edited = edit_expression(models, "pre", "pre + tau(a)", dir / "ft_again.safetensors", options);
+  EXPECT_EQ(edited.tensors_edited, 1u);
+  EXPECT_EQ(read_values(dir / "ft_again.safetensors", "w"), (std::vector<double>{1.5, 2, 2, 4.25}));
+}
+
 TEST(Similarity, CosineNormsAndSignConflictsByHand) {
   TempDir dir;
   write_model(dir / "p.safetensors", {{"w", DType::kF32, {3}, {1, 1, 1}}});

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "support/builders.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
@@ -36,9 +38,12 @@ std::vector<std::string> listing(const fs::path& dir) {
 }
 
 // Five F32 tensors of 4 elements (16 bytes): t0..t4, element k of tensor i = 10*i + k.
+// "t0" .. "t4".
+std::string tensor_name(int i) { return fmt::format("t{}", i); }
+
 std::vector<TensorSpec> five_specs() {
   std::vector<TensorSpec> s;
-  for (int i = 4; i >= 0; --i) s.push_back({"t" + std::to_string(i), DType::kF32, {4}});
+  for (int i = 4; i >= 0; --i) s.push_back({tensor_name(i), DType::kF32, {4}});
   return s;
 }
 
@@ -50,13 +55,13 @@ std::vector<std::byte> values_of(int i) {
 }
 
 void write_all(CheckpointWriter& w) {
-  for (int i = 0; i < 5; ++i) w.write("t" + std::to_string(i), 0, values_of(i));
+  for (int i = 0; i < 5; ++i) w.write(tensor_name(i), 0, values_of(i));
 }
 
 void expect_all(const Checkpoint& ck) {
   ASSERT_EQ(ck.tensor_names().size(), 5u);
   for (int i = 0; i < 5; ++i) {
-    const auto b = ck.at("t" + std::to_string(i)).bytes();
+    const auto b = ck.at(tensor_name(i)).bytes();
     const auto want = values_of(i);
     EXPECT_TRUE(std::equal(b.begin(), b.end(), want.begin(), want.end())) << i;
   }
@@ -94,6 +99,7 @@ TEST(CheckpointPlan, FileOutputAndOneShardFolder) {
 
 TEST(CheckpointPlan, Refusals) {
   EXPECT_EQ(code_of([] { CheckpointPlan::build("d", five_specs(), {}, {.max_shard_size = 0}); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([] { CheckpointPlan::build("", five_specs(), {}, {}); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(code_of([] { CheckpointPlan::build("d", {{"a", DType::kU8, {1}}, {"a", DType::kU8, {1}}}, {}, {}); }),
             ErrorCode::kInvalidName);
 }
