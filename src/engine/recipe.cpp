@@ -2,10 +2,14 @@
 // and per-tensor resolution of scalar / layer-interpolated / filtered parameters. docs/METHODS.md.
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
@@ -15,6 +19,71 @@ namespace taskvec {
 namespace {
 
 constexpr std::size_t kMaxFilterLength = 1000;  // characters of a filter regex
+constexpr int kMaxFilterQuantifiers = 4;
+
+// std::regex backtracks: a quantifier on something already quantified ("a**", "(a+)*"), or on a group
+// with an alternation ("(a|a)*"), takes time exponential in the name's length, and many quantifiers
+// in a row (".*.*.*.*.*x") a high power of it. Recipes may come from others, so such filters are
+// refused; real ones ("layers\.(1[0-9]|2[0-3])\.", "self_attn", "^model\.embed") have none of it.
+// Returns why a pattern is refused, or "" when it is fine.
+std::string backtracking_risk(const std::string& p) {
+  struct Group {
+    bool quantified_inside = false;
+    bool alternation = false;
+  };
+  std::vector<Group> groups(1);
+  int quantifiers = 0;
+  bool after_quantifier = false;  // the previous token was a quantifier (a '?' right after one is lazy)
+  bool lazy_taken = false;
+  bool after_risky_group = false;  // the previous token closed a group with a quantifier or '|' inside
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    const char c = p[i];
+    const bool brace = c == '{' && i + 1 < p.size() && std::isdigit(static_cast<unsigned char>(p[i + 1]));
+    if (c == '*' || c == '+' || c == '?' || brace) {
+      if (c == '?' && after_quantifier && !lazy_taken) {
+        lazy_taken = true;  // "*?", "+?", "??", "{n}?": the lazy form of the same quantifier
+        continue;
+      }
+      if (after_quantifier) return "repeats a quantifier (e.g. 'a**'), which can take exponential time";
+      if (after_risky_group) {
+        return "repeats a group that holds a quantifier or an alternation (e.g. '(a+)*', '(a|b)*'), which can take "
+               "exponential time";
+      }
+      if (++quantifiers > kMaxFilterQuantifiers) {
+        return "has more than " + std::to_string(kMaxFilterQuantifiers) +
+               " quantifiers (*, +, ?, {n,m}), which can take a very long time";
+      }
+      groups.back().quantified_inside = true;
+      if (brace) i = std::min(p.size() - 1, p.find('}', i) == std::string::npos ? p.size() - 1 : p.find('}', i));
+      after_quantifier = true;
+      lazy_taken = false;
+      after_risky_group = false;
+      continue;
+    }
+    after_quantifier = false;
+    after_risky_group = false;
+    if (c == '\\') {
+      ++i;  // an escaped character is one atom
+    } else if (c == '[') {
+      // A character class is one atom: skip to its closing ']' (a ']' first in the class is literal).
+      std::size_t j = i + 1;
+      if (j < p.size() && p[j] == '^') ++j;
+      if (j < p.size() && p[j] == ']') ++j;
+      while (j < p.size() && p[j] != ']') j += p[j] == '\\' ? 2 : 1;
+      i = j;
+    } else if (c == '(') {
+      groups.emplace_back();
+    } else if (c == ')' && groups.size() > 1) {
+      const Group g = groups.back();
+      groups.pop_back();
+      groups.back().quantified_inside = groups.back().quantified_inside || g.quantified_inside;
+      after_risky_group = g.quantified_inside || g.alternation;
+    } else if (c == '|') {
+      groups.back().alternation = true;
+    }
+  }
+  return "";
+}
 
 
 struct Ctx {
@@ -141,6 +210,9 @@ RecipeValue parse_value(const Ctx& ctx, const YAML::Node& node, const std::strin
           ctx.fail(kv.second, key + ".filter",
                    "the regular expression is " + std::to_string(entry.pattern->size()) + " characters long; at most " +
                        std::to_string(kMaxFilterLength) + " are allowed");
+        }
+        if (const std::string why = backtracking_risk(*entry.pattern); !why.empty()) {
+          ctx.fail(kv.second, key + ".filter", "the regular expression '" + *entry.pattern + "' " + why);
         }
         try {
           entry.regex = std::regex(*entry.pattern, std::regex::ECMAScript);

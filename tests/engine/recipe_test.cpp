@@ -282,5 +282,24 @@ TEST(Recipe, ExampleRecipesParse) {
   EXPECT_GE(count, 8);
 }
 
+// Filters that make std::regex backtrack exponentially (or by a high power of the name's length) are
+// refused when the recipe is read; ordinary filters, lazy quantifiers and special characters inside a
+// class are fine.
+TEST(Recipe, FiltersThatBacktrackWithoutBoundAreRefused) {
+  auto recipe_with = [](const std::string& filter) {
+    return "merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {density: [{filter: '" + filter +
+           "', value: 0.5}]}\n";
+  };
+  for (const char* bad : {"a**", "a+*", "x*?*", "(a+)*", "(a|b)*", "((ab)*c)+", "(a{2,3})+", ".*.*.*.*.*x", "a?b?c?d?e?"}) {
+    EXPECT_EQ(code_of(recipe_with(bad)), ErrorCode::kRecipe) << bad;
+    EXPECT_NE(message_of(recipe_with(bad)).find(bad), std::string::npos) << message_of(recipe_with(bad));
+  }
+  for (const char* good : {"self_attn", "^model\\.embed", "layers\\.(1[0-9]|2[0-3])\\.", "mlp\\.(up|gate)_proj",
+                           ".*?attn", "[*+?]x*", "a{2,3}b", "\\*+", "(ab)+c", "layers\\.[0-9]+\\..*\\.weight$"}) {
+    const Recipe r = parse_recipe(recipe_with(good), "r.yaml");
+    EXPECT_EQ(r.method->name, "ties") << good;
+  }
+}
+
 }  // namespace
 }  // namespace taskvec
