@@ -141,6 +141,13 @@ TensorInfo parse_entry(const std::string& name, const json& value, const std::st
   return info;
 }
 
+// N, the header length: the first 8 bytes of a safetensors file, little-endian (B1).
+std::uint64_t header_length(std::span<const std::byte> first8) {
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint64_t>(first8[static_cast<std::size_t>(i)]);
+  return n;
+}
+
 }  // namespace
 
 SafetensorsHeader parse_safetensors_header(std::span<const std::byte> file_prefix, std::uint64_t file_size,
@@ -150,8 +157,7 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> file_prefi
     fail(ErrorCode::kHeaderTooSmall, label, "file is " + std::to_string(file_size) + " bytes, shorter than the 8-byte header length");
   }
   if (file_prefix.size() < 8) fail(ErrorCode::kInternal, label, "parse_safetensors_header given fewer than 8 bytes");
-  std::uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint64_t>(file_prefix[static_cast<std::size_t>(i)]);
+  const std::uint64_t n = header_length(file_prefix);
   if (n < 2) {
     fail(ErrorCode::kHeaderTooSmall, label, "header length N = " + std::to_string(n) + " cannot hold a JSON object");
   }
@@ -252,13 +258,9 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::filesyst
   // is then a clean kIo error instead of a SIGBUS. At most 8 + kMaxHeaderSize bytes are read.
   std::vector<std::byte> prefix(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 8)));
   file.read_at(0, prefix);
-  if (prefix.size() == 8) {
-    std::uint64_t n = 0;
-    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint8_t>(prefix[static_cast<std::size_t>(i)]);
-    if (n <= kMaxHeaderSize) {
-      prefix.resize(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 8 + n)));
-      file.read_at(0, prefix);
-    }
+  if (const std::uint64_t n = prefix.size() == 8 ? header_length(prefix) : 0; n > 0 && n <= kMaxHeaderSize) {
+    prefix.resize(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 8 + n)));
+    file.read_at(8, std::span(prefix).subspan(8));  // the JSON after the 8 bytes already read
   }
   SafetensorsHeader header = parse_safetensors_header(prefix, file.size(), path.string());
   return std::make_shared<const SafetensorsFile>(std::move(file), std::move(header));
