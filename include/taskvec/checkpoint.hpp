@@ -142,8 +142,13 @@ class CheckpointWriter {
   /// index are first written and fsynced under temp names, so a full disk or an unreadable auxiliary
   /// file fails before any final name exists; then they are renamed, the index last. With force, model
   /// files of an earlier output in the folder that this one does not have are removed (never an input).
-  /// Throws Error{kDiskFull, kIo, kOutputExists}.
-  void commit(const std::vector<std::filesystem::path>& auxiliary_files = {});
+  /// `generated_files` (file name in the output folder -> content) are files taskvec writes itself, e.g.
+  /// a rewritten config.json: written the same checked, atomic way, inside the output folder (never a
+  /// system temp folder), and they replace a copied auxiliary file of the same name. Ignored for a
+  /// single-file output. Throws Error{kDiskFull, kIo, kOutputExists}; Error{kInvalidArgument} for a
+  /// generated name that is not a plain file name.
+  void commit(const std::vector<std::filesystem::path>& auxiliary_files = {},
+              const std::map<std::string, std::string>& generated_files = {});
   /// Without commit(): removes the temp files, and the output folder if this writer created it and it
   /// is empty.
   ~CheckpointWriter();

@@ -91,22 +91,11 @@ bool TensorFilter::selects(const std::string& name) const {
   return true;
 }
 
-ScratchFolder::ScratchFolder() {
-  std::string pattern = (std::filesystem::temp_directory_path() / "taskvec-aux-XXXXXX").string();
-  if (mkdtemp(pattern.data()) == nullptr) throw Error(ErrorCode::kIo, "cannot create a temp folder like " + pattern);
-  path = pattern;
-}
-
-ScratchFolder::~ScratchFolder() {
-  std::error_code ec;
-  std::filesystem::remove_all(path, ec);
-}
-
-std::vector<std::filesystem::path> output_auxiliary_files(const Checkpoint& base, bool untied_base,
-                                                          const std::filesystem::path& scratch) {
-  std::vector<std::filesystem::path> files = base.auxiliary_files();
-  if (!untied_base) return files;
-  for (auto& file : files) {
+OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base) {
+  OutputAuxiliary out;
+  out.copies = base.auxiliary_files();
+  if (!untied_base) return out;
+  for (const auto& file : out.copies) {
     if (file.filename() != "config.json") continue;
     std::ifstream in(file);
     nlohmann::ordered_json config;
@@ -116,12 +105,10 @@ std::vector<std::filesystem::path> output_auxiliary_files(const Checkpoint& base
       throw Error(ErrorCode::kIo, fmt::format("{}: cannot parse it to set tie_word_embeddings: {}", file.string(), e.what()));
     }
     config["tie_word_embeddings"] = false;
-    std::filesystem::create_directories(scratch);
-    auto rewritten = scratch / "config.json";
-    std::ofstream(rewritten) << config.dump(2) << "\n";
-    file = rewritten;
+    // Written by CheckpointWriter::commit into the output folder, atomically and checked like the shards.
+    out.generated["config.json"] = config.dump(2) + "\n";
   }
-  return files;
+  return out;
 }
 
 }  // namespace taskvec::detail

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <regex>
 #include <string>
@@ -49,20 +50,17 @@ class TensorFilter {
   std::optional<std::regex> include_, exclude_;
 };
 
-/// A private folder under the system temp dir (for rewritten auxiliary files), removed with its
-/// contents on destruction. Throws Error{kIo} if it cannot be created.
-struct ScratchFolder {
-  std::filesystem::path path;
-  ScratchFolder();
-  ~ScratchFolder();
-  ScratchFolder(const ScratchFolder&) = delete;
-  ScratchFolder& operator=(const ScratchFolder&) = delete;
+/// What a folder output gets besides its tensors: the base folder's auxiliary files to copy
+/// (config.json, tokenizer, ...) and files taskvec writes itself (file name -> content), which replace
+/// a copy of the same name; both go through CheckpointWriter::commit.
+struct OutputAuxiliary {
+  std::vector<std::filesystem::path> copies;
+  std::map<std::string, std::string> generated;
 };
 
-/// The base folder's auxiliary files (config.json, tokenizer, ...) to copy into a folder output. When
-/// the base's tied head was untied (reconcile_tied_embeddings), config.json is replaced by a copy with
-/// "tie_word_embeddings": false written into `scratch` (a folder the caller creates and removes).
-std::vector<std::filesystem::path> output_auxiliary_files(const Checkpoint& base, bool untied_base,
-                                                          const std::filesystem::path& scratch);
+/// The base's auxiliary files; when the base's tied head was untied (reconcile_tied_embeddings),
+/// config.json is generated with "tie_word_embeddings": false. Throws Error{kIo} for a config.json that
+/// cannot be parsed.
+OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base);
 
 }  // namespace taskvec::detail

@@ -260,8 +260,8 @@ class Engine {
         report_progress);
     report_progress();
     if (report.plan.is_folder && base_.folder()) {
-      detail::ScratchFolder scratch;
-      writer.commit(detail::output_auxiliary_files(base_, inputs_.untied_base, scratch.path));
+      const detail::OutputAuxiliary aux = detail::output_auxiliary_files(base_, inputs_.untied_base);
+      writer.commit(aux.copies, aux.generated);
     } else {
       writer.commit();
     }

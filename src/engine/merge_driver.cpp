@@ -363,8 +363,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       progress);
   progress();
   if (report.plan.is_folder && ref.folder()) {
-    detail::ScratchFolder scratch;
-    writer.commit(detail::output_auxiliary_files(ref, untied_ref, scratch.path));
+    const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
+    writer.commit(aux.copies, aux.generated);
   } else {
     writer.commit();
   }

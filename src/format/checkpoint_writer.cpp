@@ -206,19 +206,34 @@ void CheckpointWriter::write(std::size_t shard, std::size_t index, std::uint64_t
   writers_[shard]->write_tensor(index, offset_in_tensor, bytes);
 }
 
-void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files) {
+void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files,
+                              const std::map<std::string, std::string>& generated_files) {
   if (committed_) throw Error(ErrorCode::kInternal, plan_.output.string() + ": committed twice");
   const fs::path& out = plan_.output;
   std::error_code ec;
   // Check the auxiliary files before publishing anything, so a refusal leaves no half output.
   std::vector<std::pair<fs::path, fs::path>> copies;
+  std::vector<std::pair<const std::string*, fs::path>> generated;
   if (plan_.is_folder) {
-    for (const auto& aux : auxiliary_files) {
-      const fs::path dest = out / aux.filename();
-      if (format_detail::same_path(aux, dest)) continue;
+    const auto refuse_existing = [&](const fs::path& dest) {
       if (!force_ && fs::exists(fs::symlink_status(dest, ec))) {
         throw Error(ErrorCode::kOutputExists, dest.string() + ": already exists (use --force to replace it)");
       }
+    };
+    for (const auto& [name, content] : generated_files) {
+      const fs::path rel(name);
+      if (name.empty() || rel.has_parent_path() || name == "." || name == "..") {
+        throw Error(ErrorCode::kInvalidArgument, plan_.output.string() + ": generated file " + quote_name(name) +
+                                                     " is not a plain file name");
+      }
+      refuse_existing(out / rel);
+      generated.emplace_back(&content, out / rel);
+    }
+    for (const auto& aux : auxiliary_files) {
+      const fs::path dest = out / aux.filename();
+      if (generated_files.count(aux.filename().string()) != 0) continue;  // replaced by a generated file
+      if (format_detail::same_path(aux, dest)) continue;
+      refuse_existing(dest);
       copies.emplace_back(aux, dest);
     }
   }
@@ -228,8 +243,14 @@ void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files) {
   // complete model only once its last file has its final name).
   for (auto& w : writers_) w->sync();
   std::vector<AtomicFile> prepared;
-  prepared.reserve(copies.size());
+  prepared.reserve(copies.size() + generated.size());
   for (const auto& [from, to] : copies) prepared.push_back(prepare_copy(from, to));
+  for (const auto& [content, to] : generated) {
+    AtomicFile file(to, content->size());
+    file.write_at(0, std::as_bytes(std::span(content->data(), content->size())));
+    file.sync();
+    prepared.push_back(std::move(file));
+  }
   std::optional<AtomicFile> index;
   const fs::path index_path = out / kIndexFileName;
   if (plan_.is_folder && plan_.shards.size() > 1) {
