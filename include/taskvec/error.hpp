@@ -45,6 +45,8 @@ enum class ErrorCode : int {
   kBaseMismatch,         ///< a task vector was made from another pretrained checkpoint
   kNonFinite,            ///< NaN or Inf in an input tensor (without --allow-nonfinite)
   kTensorTooLarge,       ///< a whole-tensor method needs more memory than the budget allows
+  kQuantized,            ///< quantized storage (bitsandbytes, GPTQ, AWQ, block-scaled FP8) that cannot be merged as is
+  kOverflow,             ///< a finite result does not fit the output dtype (F16/BF16/FP8 would store Inf)
   kUnsupported,          ///< a feature or dtype this build or method does not support
   kInternal,             ///< a broken invariant inside taskvec (a bug: please report it)
 };

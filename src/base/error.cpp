@@ -34,6 +34,8 @@ std::string_view error_code_name(ErrorCode code) noexcept {
     case ErrorCode::kBaseMismatch: return "base_mismatch";
     case ErrorCode::kNonFinite: return "non_finite";
     case ErrorCode::kTensorTooLarge: return "tensor_too_large";
+    case ErrorCode::kQuantized: return "quantized";
+    case ErrorCode::kOverflow: return "overflow";
     case ErrorCode::kUnsupported: return "unsupported";
     case ErrorCode::kInternal: return "internal";
   }
@@ -74,6 +76,8 @@ int exit_status(ErrorCode code) noexcept {
     case ErrorCode::kBaseMismatch:
     case ErrorCode::kNonFinite:
     case ErrorCode::kTensorTooLarge:
+    case ErrorCode::kQuantized:
+    case ErrorCode::kOverflow:
       return 5;
     case ErrorCode::kOutputExists:
       return 6;
