@@ -49,6 +49,14 @@ struct EditOptions {
   /// combine the rows all have, copy extra rows from the first input (in term order) that has them.
   /// Off: such a tensor is Error{kShapeMismatch} naming both shapes. linear_edit and its wrappers only.
   bool merge_extra_rows = false;
+  /// merge only: tensors the models have but the reference (base_model, else the first model) lacks,
+  /// e.g. a new classification head score.weight. Empty and !drop_extra_tensors: Error{kTensorMissing}
+  /// naming the tensor and both flags. Else a model of the recipe, by its index in `models` (from 0) or
+  /// its path: each such tensor is copied from it unchanged (Error{kTensorMissing} if it lacks one;
+  /// Error{kInvalidArgument} if it names no model). --keep-extra-tensors FROM.
+  std::string keep_extra_tensors_from;
+  /// merge only: leave such tensors out of the output, with a warning naming each. --drop-extra-tensors.
+  bool drop_extra_tensors = false;
   std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
   std::function<void(const Progress&)> on_progress;   ///< optional
 };
@@ -135,10 +143,17 @@ struct SimilarityReport {
   std::vector<double> norms;                    ///< L2 norm of each task vector
   std::vector<std::vector<double>> cosine;      ///< names.size() squared
   std::vector<std::vector<double>> sign_conflict;  ///< fraction of coordinates, both non-zero, with opposite signs
+  /// What was compared: "task_vectors" (with a pretrained checkpoint, or inputs labeled
+  /// taskvec.kind=task_vector), or "weights" (no pretrained checkpoint and no input labeled a task
+  /// vector: the cosines are of the checkpoints' weights).
+  std::string compared = "task_vectors";
+  std::vector<std::string> warnings;            ///< e.g. weights compared, tensors left out of the comparison
 };
 
 /// `models` are fine-tuned checkpoints when `pretrained` is given (tau = model - pretrained), else
-/// task-vector files. Throws as linear_edit for mismatched inputs.
+/// task-vector files (when none is labeled taskvec.kind=task_vector, the report says compared =
+/// "weights" and warns). Throws as linear_edit for mismatched inputs (kTensorMissing, kShapeMismatch,
+/// kDtypeMismatch) and Error{kQuantized} for quantized storage.
 SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
                                         const std::vector<std::pair<std::string, const Checkpoint*>>& models,
                                         const EditOptions& options);

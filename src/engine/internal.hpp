@@ -63,4 +63,59 @@ struct OutputAuxiliary {
 /// cannot be parsed.
 OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base);
 
+// ---- Input checks shared by linear_edit, merge_checkpoints and task_vector_similarity (input_check.cpp):
+// one wording and one error code per problem, whichever command meets it.
+
+/// The folder's config.json as text, or nullopt when the checkpoint has no folder or no config.json.
+/// Read with a size cap (16 MiB; larger is Error{kIo} naming the file). Isolated so that a shared
+/// checked small-file reader of src/format can replace it.
+std::optional<std::string> read_config_text(const Checkpoint& ckpt);
+
+/// Refuses quantized storage with Error{kQuantized}, before any output exists: block-scaled FP8
+/// (an F8_* tensor X.weight with X.weight_scale_inv / X.weight_scale / X.scale_inv / X.input_scale),
+/// bitsandbytes 4-bit (X.weight.absmax, .quant_map, .quant_state.*, .nested_absmax) and 8-bit (X.SCB,
+/// X.weight_format), GPTQ / AWQ (X.qweight, X.qzeros, X.scales, X.g_idx), and any config.json
+/// `quantization_config` (its quant_method named). The message names the file, the method and one
+/// example tensor, and asks for the full-precision (or dequantized) checkpoints. A plain F8 checkpoint
+/// (no scales, no quantization_config) passes.
+void check_not_quantized(const Checkpoint& ckpt);
+
+/// The value of __metadata__ taskvec.kind ("task_vector" for files written by diff), or "" when absent.
+std::string checkpoint_kind(const Checkpoint& ckpt);
+
+/// A warning when `ckpt` is labeled a task vector (taskvec.kind=task_vector) but is used as a model,
+/// `role` saying how ("the pretrained checkpoint", "a model of the recipe"); nullopt otherwise.
+std::optional<std::string> task_vector_as_model_warning(const Checkpoint& ckpt, const std::string& role);
+
+/// ||x|| / ||ref|| over a fixed sample of the float tensors both have with the same shape (up to 4
+/// pieces of 4096 elements per tensor, at most 256 tensors, the same elements in both): ~0 for a task
+/// vector of a fine-tune of `ref`, ~1 for a full model. nullopt when nothing could be sampled or the
+/// sampled ref is all zero. Throws as CheckpointTensor::read.
+std::optional<double> sampled_norm_ratio(const Checkpoint& x, const Checkpoint& ref);
+
+/// Above this sampled_norm_ratio an unlabeled `apply -t` input is taken for a full model.
+inline constexpr double kFullModelNormRatio = 0.5;
+
+/// How an input's tensor compares with the reference's (the pretrained / base checkpoint).
+enum class TensorFit { kSame, kExtraRows };
+
+/// Checks tensor `name` of `input` (`t`, null when missing) against the reference's `r`:
+/// Error{kTensorMissing} when missing, Error{kShapeMismatch} naming both shapes (kExtraRows instead
+/// when only the first dimension differs, the dtype is float and `merge_extra_rows`; the hint names
+/// --merge-extra-rows only when `extra_rows_flag`, i.e. the command has it), Error{kDtypeMismatch}
+/// when a float tensor meets a non-float one.
+TensorFit check_input_tensor(const std::string& name, const Checkpoint& ref, const CheckpointTensor& r,
+                             const Checkpoint& input, const CheckpointTensor* t, bool extra_rows_flag,
+                             bool merge_extra_rows);
+
+/// For an integer/bool tensor (never combined, copied from `copied_from`): the warning when the
+/// fine-tuned `t` differs from `r` (dtype or bytes), nullopt when equal. Throws as same_bytes.
+std::optional<std::string> integer_tensor_change(const std::string& name, const CheckpointTensor& r,
+                                                 const CheckpointTensor& t, const std::string& copied_from);
+
+/// Error{kTensorMissing} for tensor `name` of `input` that the reference lacks; `hint` (may be empty)
+/// is appended, e.g. the flags that keep or drop such tensors on the command at hand.
+[[noreturn]] void throw_extra_tensor(const std::string& name, const Checkpoint& input, const Checkpoint& ref,
+                                     const std::string& hint);
+
 }  // namespace taskvec::detail

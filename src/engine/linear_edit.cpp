@@ -283,13 +283,14 @@ class Engine {
                   fmt::format("--dtype {} is not a float dtype taskvec can write (F32, F16, BF16, F64, F8_E4M3, F8_E5M2)",
                               dtype_name(*options_.out_dtype)));
     }
+    // Every check on the inputs is the shared one (input_check.cpp), as for merge and similarity.
     const std::string base_file = base_.path().string();
     for (const auto& term : terms_) {
       for (const auto& name : term.input->tensor_names()) {
         if (base_.find(name) == nullptr) {
-          throw Error(ErrorCode::kTensorMissing,
-                      fmt::format("tensor '{}' of {} is not in the pretrained checkpoint {}", name,
-                                  term.input->path().string(), base_file));
+          detail::throw_extra_tensor(name, *term.input, base_,
+                                     ", the pretrained checkpoint: an edit writes the pretrained checkpoint's "
+                                     "tensors only, so it would be lost; give inputs with the same tensors");
         }
       }
     }
@@ -300,34 +301,13 @@ class Engine {
       bool editable = dtype_is_editable(bi.dtype);
       for (const auto& term : terms_) {
         const CheckpointTensor* t = term.input->find(name);
-        if (t == nullptr) {
-          throw Error(ErrorCode::kTensorMissing, fmt::format("tensor '{}' of the pretrained checkpoint {} is missing from {}",
-                                                             name, base_file, term.input->path().string()));
-        }
-        if (t->info->shape != bi.shape) {
-          const auto& ts = t->info->shape;
-          bool rows_only = !ts.empty() && ts.size() == bi.shape.size() &&
-                           std::equal(ts.begin() + 1, ts.end(), bi.shape.begin() + 1);
-          if (!rows_only || !options_.merge_extra_rows || !editable) {
-            throw Error(ErrorCode::kShapeMismatch,
-                        fmt::format("tensor '{}': shape {} in {} but {} in {}{}", name, detail::shape_text(bi.shape),
-                                    file_of(*job->base), detail::shape_text(ts), file_of(*t),
-                                    rows_only && editable ? " (--merge-extra-rows combines the rows both have and "
-                                                            "copies the extra rows)"
-                                                          : ""));
-          }
+        if (detail::check_input_tensor(name, base_, *job->base, *term.input, t, /*extra_rows_flag=*/true,
+                                       options_.merge_extra_rows) == detail::TensorFit::kExtraRows) {
           job->resized = true;
         }
-        if (editable && !dtype_is_editable(t->info->dtype)) {
-          throw Error(ErrorCode::kDtypeMismatch,
-                      fmt::format("tensor '{}': dtype {} in {} cannot be combined with {} in {}", name,
-                                  dtype_name(bi.dtype), file_of(*job->base), dtype_name(t->info->dtype), file_of(*t)));
-        }
         if (!editable && term.relative) {
-          if (t->info->dtype != bi.dtype || !detail::same_bytes(*job->base, *t)) {
-            report.warnings.push_back(fmt::format("tensor '{}' ({}) differs in {}: integer/bool tensors are never "
-                                                  "combined, it is copied from the pretrained checkpoint",
-                                                  name, dtype_name(bi.dtype), file_of(*t)));
+          if (auto w = detail::integer_tensor_change(name, *job->base, *t, "the pretrained checkpoint " + base_file)) {
+            report.warnings.push_back(std::move(*w));
           }
         }
         job->inputs.push_back(t);
@@ -561,6 +541,7 @@ class Engine {
       if (term.input == nullptr) throw Error(ErrorCode::kInternal, "linear_edit: null input checkpoint");
       all.push_back(term.input);
     }
+    for (const Checkpoint* c : all) detail::check_not_quantized(*c);  // before anything else is read
     return reconcile_tied_embeddings(all, untie);
   }
   static std::vector<LinearTerm> retarget(std::vector<LinearTerm> terms, const ReconciledInputs& inputs) {
@@ -588,6 +569,16 @@ EditReport linear_edit(const Checkpoint& base, double base_scale, const std::vec
 
 EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& finetuned, const std::filesystem::path& output,
                             const EditOptions& options) {
+  // A task vector as either side makes a difference of a difference: refused unless --force.
+  std::vector<std::string> warnings;
+  for (const auto& [ckpt, role] : {std::pair{&pretrained, "PRETRAINED"}, std::pair{&finetuned, "FINETUNED"}}) {
+    auto w = detail::task_vector_as_model_warning(*ckpt, fmt::format("{} of diff", role));
+    if (!w) continue;
+    if (!options.force_base) {
+      throw Error(ErrorCode::kBaseMismatch, fmt::format("{}; diff takes two models (--force proceeds anyway)", *w));
+    }
+    warnings.push_back(fmt::format("--force: {}", *w));
+  }
   std::vector<LinearTerm> terms{{&finetuned, 1.0, true}};
   auto metadata = pretrained.metadata();
   metadata[kMetaKind] = "task_vector";
@@ -595,6 +586,7 @@ EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& fine
   metadata[kMetaPretrainedName] = pretrained.path().filename().string();
   metadata[kMetaFinetunedName] = finetuned.path().filename().string();
   EditReport report = Engine(pretrained, 0.0, terms, options, DtypePolicy::kTaskVector).run(output, metadata);
+  report.warnings.insert(report.warnings.begin(), warnings.begin(), warnings.end());
   if (options.out_dtype && *options.out_dtype != DType::kF32 && *options.out_dtype != DType::kF64) {
     report.warnings.push_back(fmt::format("task vector stored as {}: applying it will no longer give back the fine-tuned "
                                           "weights bit for bit (F32, the default, does for BF16/F16 models)",
@@ -607,11 +599,27 @@ EditReport apply_task_vectors(const Checkpoint& pretrained, const std::vector<st
                               const std::filesystem::path& output, const EditOptions& options) {
   std::vector<LinearTerm> terms;
   std::vector<std::string> warnings;
+  if (auto w = detail::task_vector_as_model_warning(pretrained, "the pretrained checkpoint")) warnings.push_back(*w);
   std::string fingerprint;
   for (const auto& [tau, lambda] : task_vectors) {
     const auto& meta = tau->metadata();
     auto kind = meta.find(kMetaKind);
     auto recorded = meta.find(kMetaPretrainedFingerprint);
+    if (kind == meta.end() || kind->second != "task_vector") {
+      // No label: decide by content. A task vector of a fine-tune is small beside the weights it was
+      // made from; a full model passed by mistake is about as large (its sum would double the weights).
+      const std::optional<double> ratio = detail::sampled_norm_ratio(*tau, pretrained);
+      if (ratio && *ratio >= detail::kFullModelNormRatio) {
+        const std::string text = fmt::format(
+            "{} looks like a full model, not a task vector: ||{}||/||{}|| = {:.2f} over a sample of the float "
+            "tensors (a task vector of a fine-tune is well under {}), and it has no taskvec.kind=task_vector "
+            "metadata; make a task vector with `taskvec diff {} {} -o tau.safetensors`, or use `taskvec edit`",
+            tau->path().string(), tau->path().filename().string(), pretrained.path().filename().string(), *ratio,
+            detail::kFullModelNormRatio, pretrained.path().string(), tau->path().string());
+        if (!options.force_base) throw Error(ErrorCode::kBaseMismatch, fmt::format("{}; --force applies it anyway", text));
+        warnings.push_back(fmt::format("--force: {}", text));
+      }
+    }
     if (kind == meta.end() || kind->second != "task_vector" || recorded == meta.end()) {
       warnings.push_back(fmt::format("{} has no taskvec task-vector metadata: cannot check it was made from {}",
                                      tau->path().string(), pretrained.path().string()));
@@ -660,6 +668,12 @@ EditReport edit_expression(const std::map<std::string, const Checkpoint*>& model
   if (std::abs(total - 1.0) <= rounding) total = 1.0;
   if (std::abs(total) <= rounding) total = 0.0;
   EditReport report = Engine(base, total, terms, options, DtypePolicy::kBase).run(output, base.metadata());
+  for (auto it = models.rbegin(); it != models.rend(); ++it) {
+    if (it->first != pretrained_name && !parsed.coefficients.count(it->first)) continue;
+    const std::string role = it->first == pretrained_name ? fmt::format("the pretrained model '{}'", it->first)
+                                                          : fmt::format("the model '{}'", it->first);
+    if (auto w = detail::task_vector_as_model_warning(*it->second, role)) report.warnings.insert(report.warnings.begin(), *w);
+  }
   if (std::abs(total - 1.0) > 1e-9) {
     report.warnings.insert(report.warnings.begin(),
                            fmt::format("the coefficients sum to {} rather than 1: the result is {} a model", total,

@@ -91,6 +91,29 @@ std::vector<float> decode_all(const CheckpointTensor& t) { return decode_range(t
 
 bool is_svd_method(const MergeMethod& m) { return m.name == "tsv_merge" || m.name == "iso_c"; }
 
+// --keep-extra-tensors FROM: an index into recipe.models (from 0) or one of their paths (as given, or
+// relative to the recipe's folder). nullopt when FROM is empty.
+std::optional<std::size_t> resolve_keep_from(const Recipe& recipe, const std::string& from) {
+  if (from.empty()) return std::nullopt;
+  if (std::all_of(from.begin(), from.end(), [](char c) { return c >= '0' && c <= '9'; }) && from.size() < 10) {
+    const std::size_t i = std::stoul(from);
+    if (i < recipe.models.size()) return i;
+  }
+  for (std::size_t i = 0; i < recipe.models.size(); ++i) {
+    const std::filesystem::path& p = recipe.models[i].path;
+    std::error_code ec;
+    if (p == from || std::filesystem::equivalent(from, p, ec) ||
+        std::filesystem::equivalent(recipe.file.parent_path() / from, p, ec))
+      return i;
+  }
+  std::vector<std::string> paths;
+  for (const auto& m : recipe.models) paths.push_back(m.path.string());
+  throw Error(ErrorCode::kInvalidArgument,
+              fmt::format("--keep-extra-tensors '{}' names no model of {}: give an index from 0 to {} or one of the "
+                          "models' paths ({})",
+                          from, recipe.file.string(), recipe.models.empty() ? 0 : recipe.models.size() - 1, fmt::join(paths, ", ")));
+}
+
 }  // namespace
 
 EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& output, const EditOptions& options) {
@@ -107,6 +130,20 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   if (recipe.base_model) base.emplace(Checkpoint::open(*recipe.base_model));
   std::vector<Checkpoint> models;
   for (const auto& m : recipe.models) models.push_back(Checkpoint::open(m.path));
+  // Quantized storage and kinds of input: the checks linear edits make (input_check.cpp).
+  std::vector<std::string> kind_warnings;
+  if (base) {
+    detail::check_not_quantized(*base);
+    if (auto w = detail::task_vector_as_model_warning(*base, "the base_model of the recipe")) kind_warnings.push_back(*w);
+  }
+  for (std::size_t i = 0; i < models.size(); ++i) {
+    detail::check_not_quantized(models[i]);
+    if (auto w = detail::task_vector_as_model_warning(models[i], fmt::format("models[{}] of the recipe", i)))
+      kind_warnings.push_back(*w);
+  }
+  if (!options.keep_extra_tensors_from.empty() && options.drop_extra_tensors)
+    throw Error(ErrorCode::kInvalidArgument, "--keep-extra-tensors and --drop-extra-tensors exclude each other: give one");
+  const std::optional<std::size_t> keep_from = resolve_keep_from(recipe, options.keep_extra_tensors_from);
   // Tied word embeddings against untied heads: refuse, or untie (reconcile_tied_embeddings).
   bool untied_ref = false;
   std::vector<std::string> tie_warnings;
@@ -125,30 +162,49 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   const bool slerp_from_base = method.name == "slerp" && base && models.size() == 1;
 
   EditReport report;
-  report.warnings = tie_warnings;
-  // Every model must have the reference's tensors, with the same shapes.
-  std::vector<const Checkpoint*> others;
-  for (const auto& m : models) others.push_back(&m);
-  for (const Checkpoint* other : others) {
+  report.warnings = kind_warnings;
+  report.warnings.insert(report.warnings.end(), tie_warnings.begin(), tie_warnings.end());
+  // Every model must have the reference's tensors, with the same shapes (the checks linear edits make).
+  for (const Checkpoint& other : models) {
     for (const auto& name : ref.tensor_names()) {
       const CheckpointTensor* r = ref.find(name);
-      const CheckpointTensor* t = other->find(name);
-      if (!t)
-        throw Error(ErrorCode::kTensorMissing, fmt::format("tensor '{}' of {} is missing from {}", name,
-                                                           ref.path().string(), other->path().string()));
-      if (t->info->shape != r->info->shape)
-        throw Error(ErrorCode::kShapeMismatch, fmt::format("tensor '{}': shape {} in {} but {} in {}", name,
-                                                           detail::shape_text(r->info->shape), ref.path().string(),
-                                                           detail::shape_text(t->info->shape), other->path().string()));
-      if (dtype_is_editable(r->info->dtype) && !dtype_is_editable(t->info->dtype))
-        throw Error(ErrorCode::kDtypeMismatch, fmt::format("tensor '{}': dtype {} in {} cannot be merged with {} in {}", name,
-                                                           dtype_name(r->info->dtype), ref.path().string(),
-                                                           dtype_name(t->info->dtype), other->path().string()));
+      const CheckpointTensor* t = other.find(name);
+      detail::check_input_tensor(name, ref, *r, other, t, /*extra_rows_flag=*/false, /*merge_extra_rows=*/false);
+      if (&other != &ref && !dtype_is_editable(r->info->dtype)) {
+        if (auto w = detail::integer_tensor_change(name, *r, *t, ref.path().string())) report.warnings.push_back(*w);
+      }
     }
-    for (const auto& name : other->tensor_names())
-      if (!ref.find(name))
-        report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: left out", name, other->path().string(),
-                                              ref.path().string()));
+  }
+  // Tensors the models have and the reference lacks (a new head): refused, kept from one model, or dropped.
+  std::vector<const CheckpointTensor*> extra;  // copied from models[*keep_from]
+  {
+    std::vector<std::string> seen;
+    for (const Checkpoint& other : models) {
+      for (const auto& name : other.tensor_names()) {
+        if (ref.find(name) || std::find(seen.begin(), seen.end(), name) != seen.end()) continue;
+        seen.push_back(name);
+        if (keep_from) {
+          const Checkpoint& from = models[*keep_from];
+          const CheckpointTensor* t = from.find(name);
+          if (!t)
+            detail::throw_extra_tensor(name, other, ref,
+                                       fmt::format(", nor in {} (--keep-extra-tensors {}), so it cannot be kept from it; "
+                                                   "name a model that has it, or use --drop-extra-tensors",
+                                                   from.path().string(), options.keep_extra_tensors_from));
+          extra.push_back(t);
+          report.warnings.push_back(fmt::format("tensor '{}' is not in {}: copied unchanged from {} (--keep-extra-tensors)",
+                                                name, ref.path().string(), from.path().string()));
+        } else if (options.drop_extra_tensors) {
+          report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: left out (--drop-extra-tensors)", name,
+                                                other.path().string(), ref.path().string()));
+        } else {
+          detail::throw_extra_tensor(
+              name, other, ref,
+              ": it would be lost; use --keep-extra-tensors FROM to copy it unchanged from one model (FROM: its index "
+              "in the recipe's models list, from 0, or its path), or --drop-extra-tensors to leave it out");
+        }
+      }
+    }
   }
 
   int num_layers = 1;
@@ -193,6 +249,18 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                 "the memory budget of {} bytes; raise --memory-budget to at least {}",
                                 name, job.elements, job.need_bytes, method.name, options.memory_budget, job.need_bytes));
     }
+    jobs.push_back(std::move(job));
+  }
+  for (const CheckpointTensor* t : extra) {  // --keep-extra-tensors: copied (or converted) like unselected tensors
+    MergeJob job;
+    job.ref = t;
+    job.elements = t->info->num_elements();
+    const bool editable = dtype_is_editable(t->info->dtype);
+    job.out = editable && out_dtype ? *out_dtype : t->info->dtype;
+    job.kind = job.out == t->info->dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;
+    job.chunked = true;
+    job.per_element = job.kind == MergeJob::Kind::kConvert ? 16 : 0;
+    ++report.tensors_copied;
     jobs.push_back(std::move(job));
   }
 

@@ -31,20 +31,46 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
   const Checkpoint& first = pretrained ? *pretrained : *models.front().second;
   const detail::TensorFilter filter(options.include, options.exclude);
 
-  // Check every input against the reference tensor set before reading any data.
+  // The checks of linear edits and merges (input_check.cpp), before any data is read.
+  SimilarityReport report;
+  if (pretrained) detail::check_not_quantized(*pretrained);
+  for (const auto& [label, model] : models) detail::check_not_quantized(*model);
+  if (pretrained) {
+    for (const auto& [label, model] : models) {
+      if (auto w = detail::task_vector_as_model_warning(*model, "a fine-tuned model (with a pretrained checkpoint, "
+                                                                "its task vector is it minus the pretrained one)"))
+        report.warnings.push_back(*w);
+    }
+  } else {
+    std::vector<std::string> unlabeled;
+    for (const auto& [label, model] : models) {
+      if (detail::checkpoint_kind(*model) != "task_vector") unlabeled.push_back(model->path().string());
+    }
+    if (unlabeled.size() == n) {
+      report.compared = "weights";
+      report.warnings.push_back(
+          "no input is labeled a task vector (taskvec.kind=task_vector): comparing the checkpoints' weights, not task "
+          "vectors; pass --base PRE to compare the task vectors MODEL - PRE");
+    } else {
+      for (const auto& path : unlabeled)
+        report.warnings.push_back(fmt::format("{} has no taskvec.kind=task_vector metadata: compared as a task vector; "
+                                              "if it is a model, pass --base PRE",
+                                              path));
+    }
+  }
+  for (const auto& [label, model] : models) {
+    for (const auto& name : model->tensor_names()) {
+      if (first.find(name) == nullptr)
+        report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: not compared", name,
+                                              model->path().string(), first.path().string()));
+    }
+  }
   std::vector<Chunk> chunks;
   for (const auto& name : first.tensor_names()) {
     const CheckpointTensor& ref = first.at(name);
     for (const auto& [label, model] : models) {
-      const CheckpointTensor* t = model->find(name);
-      if (t == nullptr) {
-        throw Error(ErrorCode::kTensorMissing,
-                    fmt::format("tensor '{}' of {} is missing from {}", name, first.path().string(), model->path().string()));
-      }
-      if (t->info->shape != ref.info->shape) {
-        throw Error(ErrorCode::kShapeMismatch, fmt::format("tensor '{}' has different shapes in {} and {}", name,
-                                                           first.path().string(), model->path().string()));
-      }
+      detail::check_input_tensor(name, first, ref, *model, model->find(name), /*extra_rows_flag=*/false,
+                                 /*merge_extra_rows=*/false);
     }
     if (!dtype_is_editable(ref.info->dtype)) continue;
     if (!filter.selects(name)) continue;
@@ -101,7 +127,6 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
   for (std::size_t c = 0; c < chunks.size(); ++c) {
     for (std::size_t k = 0; k < stride; ++k) total[k] += partial[c * stride + k];
   }
-  SimilarityReport report;
   report.cosine.assign(n, std::vector<double>(n, 0.0));
   report.sign_conflict.assign(n, std::vector<double>(n, 0.0));
   for (std::size_t i = 0; i < n; ++i) {

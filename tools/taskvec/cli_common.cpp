@@ -29,6 +29,13 @@ void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear) {
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
   command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
+  if (!linear) {  // merge only (issue 10, inputs): tensors the models have and the base lacks
+    command.add_option("--keep-extra-tensors", flags.options.keep_extra_tensors_from,
+                       "FROM: copy tensors that the models have but the base lacks (a new head) unchanged from this "
+                       "model: its index in the recipe's models list (from 0) or its path");
+    command.add_flag("--drop-extra-tensors", flags.options.drop_extra_tensors,
+                     "Leave out tensors that the models have but the base lacks (default: an error)");
+  }
   if (!linear) return;  // the two flags below exist for diff / apply / edit only
   command.add_flag("--merge-extra-rows", flags.options.merge_extra_rows,
                    "Tensors whose first dimension differs (e.g. a vocabulary of 32007 vs 32000 rows): combine the "

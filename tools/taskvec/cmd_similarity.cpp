@@ -45,8 +45,11 @@ void add_similarity_command(CLI::App& app, const GlobalFlags& global, Action& ac
       options.threads = args->threads;
       SimilarityReport r = task_vector_similarity(base ? &*base : nullptr, models, options);
       const std::size_t n = r.names.size();
+      for (const auto& w : r.warnings) fmt::print(stderr, "taskvec: warning: {}\n", w);
+      const bool weights = r.compared == "weights";
       if (global.json || args->format == "json") {
-        nlohmann::ordered_json j{{"names", r.names}, {"norms", r.norms}, {"cosine", r.cosine}, {"sign_conflict", r.sign_conflict}};
+        nlohmann::ordered_json j{{"compared", r.compared}, {"names", r.names},   {"norms", r.norms},
+                                 {"cosine", r.cosine},     {"sign_conflict", r.sign_conflict}, {"warnings", r.warnings}};
         fmt::print("{}\n", j.dump(2));
       } else if (args->format == "csv") {
         fmt::print("name");
@@ -58,7 +61,11 @@ void add_similarity_command(CLI::App& app, const GlobalFlags& global, Action& ac
           fmt::print("\n");
         }
       } else {
-        fmt::print("cosine similarity of task vectors\n{:>16}", "");
+        fmt::print("{}\n{:>16}",
+                   weights ? "cosine similarity of the checkpoints' weights (not task vectors: pass --base PRE to "
+                             "compare task vectors)"
+                           : "cosine similarity of task vectors",
+                   "");
         for (const auto& name : r.names) fmt::print(" {:>10.10}", name);
         fmt::print(" {:>12}\n", "norm");
         for (std::size_t i = 0; i < n; ++i) {
