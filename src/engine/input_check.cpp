@@ -79,7 +79,13 @@ std::optional<Finding> quantized_tensors(const Checkpoint& c) {
       if (ends_with(name, suffix)) {
         const std::string prefix = name.substr(0, name.size() - std::string_view(suffix).size());
         const bool gptq = has(prefix + ".g_idx");
-        return found(gptq ? "GPTQ" : "GPTQ or AWQ (packed integer weights)", prefix + ".qweight", name);
+        std::string with;
+        for (const char* part : {".qweight", ".qzeros", ".scales", ".g_idx"}) {
+          if (has(prefix + part)) with += fmt::format("{}'{}{}'", with.empty() ? "" : ", ", prefix, part);
+        }
+        const CheckpointTensor* q = c.find(prefix + ".qweight");
+        return Finding{gptq ? "GPTQ" : "GPTQ or AWQ (packed integer weights)", prefix + ".qweight",
+                       file_of(q ? *q : t), fmt::format("packed weights and their companions {}", with)};
       }
     }
   }
