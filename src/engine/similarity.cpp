@@ -59,11 +59,16 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
     }
   }
   for (const auto& [label, model] : models) {
+    std::size_t left_out = 0;  // named one by one up to 8 per input, then counted
     for (const auto& name : model->tensor_names()) {
-      if (first.find(name) == nullptr)
+      if (first.find(name) != nullptr) continue;
+      if (++left_out <= 8)
         report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: not compared", name,
                                               model->path().string(), first.path().string()));
     }
+    if (left_out > 8)
+      report.warnings.push_back(fmt::format("{} more tensors of {} are not in {}: not compared", left_out - 8,
+                                            model->path().string(), first.path().string()));
   }
   std::vector<Chunk> chunks;
   for (const auto& name : first.tensor_names()) {

@@ -5,6 +5,8 @@
 
 #include <fstream>
 
+#include <fmt/format.h>
+
 #include "support/builders.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
@@ -248,6 +250,27 @@ TEST_F(Kinds, EditAndMergeWarnAboutATaskVectorModel) {
       recipe_at(dir, "merge_method: task_arithmetic\nbase_model: pre.safetensors\nmodels:\n  - model: ft.safetensors\n"),
       dir / "m2.safetensors", opts());
   EXPECT_TRUE(plain.warnings.empty());
+}
+
+TEST_F(Kinds, TaskVectorAsApplysPretrainedIsNamed) {
+  write_model(dir / "small.safetensors", {{"w", DType::kF32, {4}, {0, 0, 0, 0.0625}}});  // ratio 0.0625/0.25 = 0.25
+  Checkpoint small = Checkpoint::open(dir / "small.safetensors");
+  EditReport r = apply_task_vectors(*tau, {{&small, 1.0}}, dir / "out.safetensors", opts());
+  EXPECT_TRUE(any_has(r.warnings, "tau.safetensors is a task vector (taskvec.kind=task_vector), not a model, but is "
+                                  "used as the pretrained checkpoint"));
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{0.25, 0, 0, 0.0625}));
+}
+
+TEST_F(Kinds, SimilarityNamesTensorsLeftOut) {
+  std::vector<TensorValues> many{{"w", DType::kF32, {4}, {0.25, 0, 0, 0}}};
+  for (int i = 0; i < 10; ++i) many.push_back({fmt::format("x{}", i), DType::kF32, {1}, {1}});
+  write_model(dir / "many.safetensors", many, {{"taskvec.kind", "task_vector"}});
+  Checkpoint m = Checkpoint::open(dir / "many.safetensors");
+  SimilarityReport r = task_vector_similarity(nullptr, {{"t", &*tau}, {"m", &m}}, opts());
+  ASSERT_EQ(r.warnings.size(), 9u);
+  EXPECT_TRUE(has(r.warnings[0], "tensor 'x0' of"));
+  EXPECT_TRUE(has(r.warnings[8], "2 more tensors of"));
+  EXPECT_DOUBLE_EQ(r.cosine[0][1], 1.0);  // over 'w' only
 }
 
 TEST_F(Kinds, SimilarityOfModelsSaysWeightsAreCompared) {
