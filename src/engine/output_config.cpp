@@ -18,6 +18,7 @@
 namespace taskvec::detail {
 namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
+using FastJson = nlohmann::json;
 
 namespace {
 
@@ -48,9 +49,12 @@ std::string read_text(const fs::path& path) {
   return std::move(text).str();
 }
 
-Json parse_file(const fs::path& path, std::string_view why) {
+// ordered_json (a config, whose key order is kept when it is rewritten) or json (tokenizer files:
+// ordered_json's linear key lookup makes a 150k-token vocabulary quadratic to parse).
+template <typename J = Json>
+J parse_file(const fs::path& path, std::string_view why) {
   try {
-    return Json::parse(read_text(path));
+    return J::parse(read_text(path));
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorCode::kIo, fmt::format("{}: cannot parse it {}: {}; fix or remove the file", path.string(), why,
                                             e.what()));
@@ -120,7 +124,7 @@ void note_id(std::vector<TokenizerId>& ids, const fs::path& file, std::uint64_t 
   }
 }
 
-std::optional<std::uint64_t> id_of(const Json& v) {
+std::optional<std::uint64_t> id_of(const FastJson& v) {
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return static_cast<std::uint64_t>(v.get<std::int64_t>());
   return std::nullopt;
@@ -132,7 +136,7 @@ std::vector<TokenizerId> read_tokenizer_ids(const fs::path& tokenizer_json, cons
   std::vector<TokenizerId> ids;
   std::error_code ec;
   if (fs::is_regular_file(tokenizer_json, ec)) {
-    const Json j = parse_file(tokenizer_json, "to read its token ids");
+    const FastJson j = parse_file<FastJson>(tokenizer_json, "to read its token ids");
     if (const auto model = j.find("model"); model != j.end() && model->is_object()) {
       if (const auto vocab = model->find("vocab"); vocab != model->end()) {
         if (vocab->is_object()) {  // BPE / WordPiece: token -> id
@@ -154,7 +158,7 @@ std::vector<TokenizerId> read_tokenizer_ids(const fs::path& tokenizer_json, cons
     }
   }
   if (fs::is_regular_file(added_tokens, ec)) {
-    const Json j = parse_file(added_tokens, "to read its token ids");
+    const FastJson j = parse_file<FastJson>(added_tokens, "to read its token ids");
     if (j.is_object()) {
       for (const auto& [token, id] : j.items()) {
         if (auto v = id_of(id)) note_id(ids, added_tokens, *v);
@@ -162,7 +166,7 @@ std::vector<TokenizerId> read_tokenizer_ids(const fs::path& tokenizer_json, cons
     }
   }
   if (fs::is_regular_file(tokenizer_config, ec)) {
-    const Json j = parse_file(tokenizer_config, "to read its token ids");
+    const FastJson j = parse_file<FastJson>(tokenizer_config, "to read its token ids");
     if (const auto decoder = j.find("added_tokens_decoder"); decoder != j.end() && decoder->is_object()) {
       for (const auto& [key, value] : decoder->items()) {
         std::uint64_t id = 0;
