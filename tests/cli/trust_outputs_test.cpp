@@ -177,31 +177,40 @@ TEST_F(TrustOutputs, MergeUntiesEmbeddings) {
 //   --memory-budget     src/engine/merge_driver.cpp (an SVD method's working set)  (merge; the linear
 //                       commands have it too)
 // similarity, inspect and validate print none of them.
-TEST_F(TrustOutputs, EveryFlagAnErrorSuggestsExistsOnItsCommand) {
-  const std::vector<std::pair<std::string, std::vector<std::string>>> suggested{
-      {"--untie-embeddings", {"diff", "apply", "edit", "merge"}},
-      {"--merge-extra-rows", {"diff", "apply", "edit"}},
-      {"--force", {"diff", "apply", "edit", "merge"}},
-      {"--allow-nonfinite", {"diff", "apply", "edit", "merge"}},
-      {"--memory-budget", {"diff", "apply", "edit", "merge"}},
-  };
-  for (const auto& [flag, commands] : suggested) {
-    for (const auto& command : commands) {
-      Result r = run(command + " --help", dir);
-      EXPECT_EQ(r.status, 0) << command << ": " << r.err;
-      EXPECT_NE(r.out.find(flag + " "), std::string::npos) << "taskvec " << command << " --help does not list " << flag;
-    }
+struct SuggestedFlag {
+  std::string flag;
+  std::string site;  // a source file whose error messages suggest it
+  std::vector<std::string> commands;
+};
+
+class FlagSuggested : public ::testing::TestWithParam<SuggestedFlag> {};
+
+TEST_P(FlagSuggested, ExistsOnEveryCommandWhoseErrorsSuggestIt) {
+  const SuggestedFlag& s = GetParam();
+  TempDir dir;
+  for (const auto& command : s.commands) {
+    Result r = run(command + " --help", dir);
+    EXPECT_EQ(r.status, 0) << command << ": " << r.err;
+    EXPECT_NE(r.out.find(s.flag + " "), std::string::npos) << "taskvec " << command << " --help does not list " << s.flag;
   }
-  // The error sites quoted above still print these flags (so this list stays the one to check).
-  const std::vector<std::pair<std::string, std::string>> sites{
-      {"src/engine/embeddings.cpp", "--untie-embeddings"}, {"src/engine/linear_edit.cpp", "--merge-extra-rows"},
-      {"src/format/checkpoint_writer.cpp", "--force"},     {"src/engine/merge_driver.cpp", "--allow-nonfinite"},
-      {"src/engine/merge_driver.cpp", "--memory-budget"},
-  };
-  for (const auto& [file, flag] : sites) {
-    EXPECT_NE(read_text(fs::path(TASKVEC_SOURCE_DIR) / file).find(flag), std::string::npos) << file << " " << flag;
-  }
+  // The error site quoted above still prints the flag (so this list stays the one to check).
+  EXPECT_NE(read_text(fs::path(TASKVEC_SOURCE_DIR) / s.site).find(s.flag), std::string::npos) << s.site;
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    TrustOutputs, FlagSuggested,
+    ::testing::Values(SuggestedFlag{"--untie-embeddings", "src/engine/embeddings.cpp", {"diff", "apply", "edit", "merge"}},
+                      SuggestedFlag{"--merge-extra-rows", "src/engine/linear_edit.cpp", {"diff", "apply", "edit"}},
+                      SuggestedFlag{"--force", "src/format/checkpoint_writer.cpp", {"diff", "apply", "edit", "merge"}},
+                      SuggestedFlag{"--allow-nonfinite", "src/engine/merge_driver.cpp", {"diff", "apply", "edit", "merge"}},
+                      SuggestedFlag{"--memory-budget", "src/engine/merge_driver.cpp", {"diff", "apply", "edit", "merge"}}),
+    [](const ::testing::TestParamInfo<SuggestedFlag>& info) {
+      std::string name;
+      for (char c : info.param.flag) {
+        if (c != '-') name += c;
+      }
+      return name;
+    });
 
 // --merge-extra-rows: a fine-tune with 2 added tokens (6 embedding rows against the base's 4). The output
 // has 6 rows, so its tokenizer files are the fine-tune's (added_tokens.json included; the base-only
