@@ -3,8 +3,6 @@
 // invent a head; see reconcile_tied_embeddings in include/taskvec/engine.hpp.
 #include <array>
 #include <cstdlib>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -16,15 +14,12 @@
 namespace taskvec {
 namespace {
 
-constexpr std::array<const char*, 5> kEmbeddingNames{
-    "model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-    "gpt_neox.embed_in.weight", "embed_tokens.weight"};
-
 // The embedding a missing head is tied to, or nullptr if the checkpoint is not tied.
 const char* tied_embedding(const Checkpoint& ckpt) {
   if (ckpt.find(kHeadName) != nullptr) return nullptr;
-  if (ckpt.tied_word_embeddings() == false) return nullptr;  // config says untied: a head is simply missing
-  for (const char* name : kEmbeddingNames) {
+  // config says untied (every tie_word_embeddings flag, nested sub-configs included): a head is simply missing
+  if (detail::config_ties_embeddings(ckpt) == false) return nullptr;
+  for (const char* name : detail::kEmbeddingNames) {
     if (ckpt.find(name) != nullptr) return name;
   }
   return nullptr;
@@ -89,26 +84,6 @@ bool TensorFilter::selects(const std::string& name) const {
   if (include_ && !std::regex_search(name, *include_)) return false;
   if (exclude_ && std::regex_search(name, *exclude_)) return false;
   return true;
-}
-
-OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base) {
-  OutputAuxiliary out;
-  out.copies = base.auxiliary_files();
-  if (!untied_base) return out;
-  for (const auto& file : out.copies) {
-    if (file.filename() != "config.json") continue;
-    std::ifstream in(file);
-    nlohmann::ordered_json config;
-    try {
-      config = nlohmann::ordered_json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(ErrorCode::kIo, fmt::format("{}: cannot parse it to set tie_word_embeddings: {}", file.string(), e.what()));
-    }
-    config["tie_word_embeddings"] = false;
-    // Written by CheckpointWriter::commit into the output folder, atomically and checked like the shards.
-    out.generated["config.json"] = config.dump(2) + "\n";
-  }
-  return out;
 }
 
 }  // namespace taskvec::detail

@@ -1,6 +1,7 @@
 // Internal helpers shared by the engine's two drivers (linear_edit.cpp, merge_driver.cpp).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -50,18 +51,86 @@ class TensorFilter {
   std::optional<std::regex> include_, exclude_;
 };
 
-/// What a folder output gets besides its tensors: the base folder's auxiliary files to copy
-/// (config.json, tokenizer, ...) and files taskvec writes itself (file name -> content), which replace
-/// a copy of the same name; both go through CheckpointWriter::commit.
+/// The input embeddings a tied head can be read from, in the order they are looked for.
+inline constexpr std::array<const char*, 5> kEmbeddingNames{
+    "model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+    "gpt_neox.embed_in.weight", "embed_tokens.weight"};
+
+/// What a folder output gets besides its tensors: the auxiliary files to copy (config.json,
+/// tokenizer, ...) and files taskvec writes itself (file name -> content), which replace a copy of the
+/// same name; both go through CheckpointWriter::commit. `warnings` go into EditReport::warnings.
 struct OutputAuxiliary {
   std::vector<std::filesystem::path> copies;
   std::map<std::string, std::string> generated;
+  std::vector<std::string> warnings;
 };
 
-/// The base's auxiliary files; when the base's tied head was untied (reconcile_tied_embeddings),
-/// config.json is generated with "tie_word_embeddings": false. Throws Error{kIo} for a config.json that
-/// cannot be parsed.
-OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base);
+/// The vocabulary of an output whose embedding has more rows than the base's (--merge-extra-rows):
+/// `rows` = the output's embedding rows (0: not resized), `donor` = the first input that has the extra
+/// rows (its tokenizer files go to the output).
+struct OutputVocab {
+  std::uint64_t rows = 0;
+  const Checkpoint* donor = nullptr;
+};
+
+/// The base's auxiliary files. When the base's tied head was untied (reconcile_tied_embeddings),
+/// config.json is generated with every "tie_word_embeddings" (top level and nested sub-configs) false.
+/// When `vocab.rows` > 0, the tokenizer files (tokenizer*, special_tokens_map.json, added_tokens.json,
+/// vocab*, merges.txt, *.model) come from `vocab.donor`'s folder instead of the base's, config.json gets
+/// vocab_size = vocab.rows (top level and text sub-configs that have one), and a warning names every
+/// tokenizer file naming an id >= vocab.rows (or that cannot be parsed). Throws Error{kIo} for a
+/// config.json that must be rewritten and cannot be read or parsed.
+OutputAuxiliary output_auxiliary_files(const Checkpoint& base, bool untied_base, const OutputVocab& vocab = {});
+
+/// Whether the folder's config.json ties the head to the input embedding, read at every level (a
+/// multimodal config's text_config.tie_word_embeddings counts): true if any flag is true, false if
+/// all flags are false, nullopt without a folder, a config.json, a flag, or for an unparseable config.
+std::optional<bool> config_ties_embeddings(const Checkpoint& ckpt);
+
+/// The text of `config` rewritten: every tie_word_embeddings false (and a top-level one added) when
+/// `untie`; vocab_size (top level, and text_config / language_config / llm_config / decoder /
+/// text_model when they have one) = *vocab_rows when given. Throws Error{kIo} for a file that cannot
+/// be read or parsed, or is not a JSON object.
+std::string rewrite_config(const std::filesystem::path& config, bool untie, std::optional<std::uint64_t> vocab_rows);
+
+/// An embedding tensor and its first dimension (rows = vocabulary entries).
+struct EmbeddingRows {
+  std::string tensor;
+  std::uint64_t rows = 0;
+};
+
+/// The rows of the checkpoint's input embedding (kEmbeddingNames, then lm_head.weight); nullopt if it
+/// has none of them.
+std::optional<EmbeddingRows> embedding_rows(const Checkpoint& ckpt);
+
+/// The largest token id one tokenizer file names.
+struct TokenizerId {
+  std::filesystem::path file;
+  std::uint64_t max_id = 0;
+};
+
+/// The largest id named by each of the folder's tokenizer.json (model.vocab: a token -> id object, or
+/// a Unigram [piece, score] list whose ids are its indices; added_tokens[].id), added_tokens.json
+/// (values) and tokenizer_config.json (added_tokens_decoder keys); files absent or naming no id are
+/// left out. Throws Error{kIo} for a file that cannot be read or parsed.
+std::vector<TokenizerId> tokenizer_ids(const std::filesystem::path& folder);
+
+/// Checks the inputs of an edit or merge against each other (checkpoints without a folder or a
+/// config.json are skipped) and appends one warning per finding: each key of model_type, architectures,
+/// hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size and
+/// vocab_size (not with `merge_extra_rows`, which explains it) whose value differs from the first
+/// input's config.json (top level and text sub-configs), naming both values and files; and each
+/// tokenizer file of an input naming an id >= that input's embedding rows. A config.json or tokenizer
+/// file that cannot be read or parsed is a warning too (it is copied as it is); throws nothing of its own.
+void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merge_extra_rows,
+                         std::vector<std::string>& warnings);
+void check_input_configs(const std::vector<Checkpoint>& inputs, bool merge_extra_rows,
+                         std::vector<std::string>& warnings);
+
+/// The vocabulary of a planned output: when its embedding (kEmbeddingNames, then lm_head.weight) has
+/// more rows than inputs[0]'s (the base), rows = the output rows and donor = the first of inputs[1..]
+/// with that many rows (it supplied the last extra row, so the output has all of its rows); else {}.
+OutputVocab output_vocab(const CheckpointPlan& plan, const std::vector<Checkpoint>& inputs);
 
 // ---- Input checks shared by linear_edit, merge_checkpoints and task_vector_similarity (input_check.cpp):
 // one wording and one error code per problem, whichever command meets it.

@@ -174,6 +174,7 @@ class Engine {
     auto start = std::chrono::steady_clock::now();
     EditReport report;
     report.warnings = inputs_.warnings;
+    detail::check_input_configs(inputs_.inputs, options_.merge_extra_rows, report.warnings);
     plan_jobs(report);
     std::vector<TensorSpec> specs;
     specs.reserve(jobs_.size());
@@ -260,7 +261,9 @@ class Engine {
         report_progress);
     report_progress();
     if (report.plan.is_folder && base_.folder()) {
-      const detail::OutputAuxiliary aux = detail::output_auxiliary_files(base_, inputs_.untied_base);
+      const detail::OutputAuxiliary aux = detail::output_auxiliary_files(
+          base_, inputs_.untied_base, detail::output_vocab(report.plan, inputs_.inputs));
+      report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
       writer.commit(aux.copies, aux.generated);
     } else {
       writer.commit();

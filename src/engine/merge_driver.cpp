@@ -151,12 +151,13 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     std::vector<const Checkpoint*> all;
     if (base) all.push_back(&*base);
     for (const auto& m : models) all.push_back(&m);
+    detail::check_input_configs(all, options.merge_extra_rows, tie_warnings);
     ReconciledInputs reconciled = reconcile_tied_embeddings(all, options.untie_embeddings);
     std::size_t k = 0;
     if (base) base.emplace(std::move(reconciled.inputs[k++]));
     for (auto& m : models) m = std::move(reconciled.inputs[k++]);
     untied_ref = reconciled.untied_base;
-    tie_warnings = std::move(reconciled.warnings);
+    tie_warnings.insert(tie_warnings.end(), reconciled.warnings.begin(), reconciled.warnings.end());
   }
   const Checkpoint& ref = base ? *base : models.front();
   const bool slerp_from_base = method.name == "slerp" && base && models.size() == 1;
@@ -432,6 +433,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   progress();
   if (report.plan.is_folder && ref.folder()) {
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
+    report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
     writer.commit(aux.copies, aux.generated);
   } else {
     writer.commit();

@@ -22,6 +22,10 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
   cmd->add_option("-o,--output", args->output, "Output .safetensors file or folder")->required();
   cmd->add_option("--seed", args->seed, "Seed of the random masks (dare_*, della); overrides the recipe's seed");
   add_edit_flags(*cmd, args->flags, /*linear=*/false);
+  // merge_checkpoints unties like the linear commands (reconcile_tied_embeddings); its error suggests this flag.
+  cmd->add_flag("--untie-embeddings", args->flags.options.untie_embeddings,
+                "When tied-embedding checkpoints (no lm_head.weight) meet ones with their own lm_head.weight, "
+                "read the tied ones' head from their embedding and write an untied output");
   cmd->callback([&global, &action, args] {
     action = [&global, args] {
       finish_edit_options(args->flags, global);
