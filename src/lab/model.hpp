@@ -1,5 +1,5 @@
 // taskvec-lab: the backbone (a small CLIP-like image encoder), frozen linear heads, training and
-// evaluation (shared/reference/LAB-RECIPE.md).
+// evaluation (docs/REPRODUCTION.md describes the recipe).
 //
 // Backbone, 355,456 parameters, no batch norm (it would complicate weight arithmetic):
 //   x [N,28,28] in [0,1] -> 2x-1 -> conv 5x5/2 (1->32) ReLU -> conv 3x3/2 (32->64) ReLU
