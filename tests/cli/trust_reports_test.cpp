@@ -1,0 +1,70 @@
+// Issue 10 end to end through the taskvec binary: recipes that would silently keep one of two values
+// are refused (exit 2), and merges / applies that drop a delta or erase a tensor say so on stderr.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+
+#include "support/model_files.hpp"
+#include "support/temp_dir.hpp"
+#include "taskvec/checkpoint.hpp"
+
+namespace taskvec {
+namespace {
+
+using test::read_values;
+using test::TempDir;
+using test::write_model;
+
+struct Result {
+  int status = -1;
+  std::string out, err;
+};
+
+Result run(const std::string& args, const TempDir& dir) {
+  auto err_path = dir / "stderr.txt";
+  std::string command = std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
+  Result r;
+  FILE* pipe = popen(command.c_str(), "r");
+  std::array<char, 4096> buf;
+  std::size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
+  int raw = pclose(pipe);
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  std::ifstream in(err_path);
+  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return r;
+}
+
+class TrustReportsCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    write_model(dir / "pre.safetensors", {{"w", DType::kF32, {5}, {0, 0, 0, 0, 0}}, {"scale", DType::kF32, {1}, {1}}});
+    write_model(dir / "a.safetensors", {{"w", DType::kF32, {5}, {0.5, -0.1, 0.3, 0, -0.8}}, {"scale", DType::kF32, {1}, {2}}});
+  }
+  std::string p(const std::string& name) const { return (dir / name).string(); }
+  TempDir dir;
+};
+
+TEST_F(TrustReportsCli, DuplicateRecipeKeyIsExit2AndNothingWritten) {
+  std::ofstream(dir / "dup.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels:\n"
+                                     "  - model: a.safetensors\nbase_model: a.safetensors\n";
+  const Result r = run("merge " + p("dup.yaml") + " -o " + p("out.safetensors"), dir);
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("dup.yaml:5: 'base_model': given twice (lines 2 and 5)"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
+}
+
+TEST_F(TrustReportsCli, MultiDocumentRecipeIsExit2) {
+  std::ofstream(dir / "two.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels: [a.safetensors]\n---\n"
+                                     "merge_method: linear\nmodels: [a.safetensors, pre.safetensors]\n";
+  const Result r = run("merge " + p("two.yaml") + " -o " + p("out.safetensors"), dir);
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("multi-document recipes are not supported yet"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
+}
+
+}  // namespace
+}  // namespace taskvec
