@@ -287,6 +287,11 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     options.on_progress(p);
   };
 
+  // Issue 10 report: the merged tensors whose magnitude trim keeps no element of a non-zero task
+  // vector (job, message).
+  std::mutex dropped_mutex;
+  std::vector<std::pair<std::size_t, std::string>> dropped;
+
   detail::parallel_for(
       items.size(), threads,
       [&](std::size_t k, unsigned) {
@@ -341,6 +346,26 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           if (job.global.trim_model) in.trim_thresholds = trim_thresholds;
           result.resize(item.count);
           method.kernel(in, result);
+          if (item.begin == 0 && item.count == job.elements) {  // the top-k methods merge whole tensors
+            std::string lost;
+            for (std::size_t m = 0; m < model_values.size(); ++m) {
+              if (merge_topk_kept(method.name, job.model_params[m], job.global, job.elements) != 0) continue;
+              bool moved = false;
+              for (std::uint64_t i = 0; i < item.count && !moved; ++i)
+                moved = model_values[m][i] != (base_values.empty() ? 0.0f : base_values[i]);
+              if (moved) lost += fmt::format("{}models[{}] (density {:g})", lost.empty() ? "" : ", ", m,
+                                             job.model_params[m].density);
+            }
+            if (!lost.empty()) {
+              std::string msg = fmt::format(
+                  "tensor '{}' ({} element{}): {} keeps round(density x {}) = 0 of its elements, so the non-zero task "
+                  "vector of {} is dropped from the merge; raise density for this tensor in the recipe (e.g. a "
+                  "{{filter: '{}', value: 1}} entry under 'density')",
+                  name, job.elements, job.elements == 1 ? "" : "s", method.name, job.elements, lost, name);
+              std::lock_guard lock(dropped_mutex);
+              dropped.emplace_back(item.job, std::move(msg));
+            }
+          }
           if (!options.allow_nonfinite) {
             bool ok = true;
             for (float x : result) ok &= (x - x == 0.0f);
@@ -362,6 +387,16 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       },
       progress);
   progress();
+  // At most kListed warnings of one kind by name, then one line with the count of the others.
+  constexpr std::size_t kListed = 5;
+  auto warn_capped = [&](const std::vector<std::string>& lines, const char* rest) {
+    for (std::size_t i = 0; i < lines.size() && i < kListed; ++i) report.warnings.push_back(lines[i]);
+    if (lines.size() > kListed) report.warnings.push_back(fmt::format("... and {} more tensors {}", lines.size() - kListed, rest));
+  };
+  std::sort(dropped.begin(), dropped.end());
+  std::vector<std::string> dropped_lines;
+  for (auto& d : dropped) dropped_lines.push_back(std::move(d.second));
+  warn_capped(dropped_lines, "whose density keeps no element of a non-zero task vector");
   if (report.plan.is_folder && ref.folder()) {
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
     writer.commit(aux.copies, aux.generated);

@@ -66,5 +66,18 @@ TEST_F(TrustReportsCli, MultiDocumentRecipeIsExit2) {
   EXPECT_FALSE(std::filesystem::exists(dir / "out.safetensors"));
 }
 
+TEST_F(TrustReportsCli, TiesScalarDeltaDroppedIsWarned) {
+  std::ofstream(dir / "ties.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels:\n"
+                                      "  - model: a.safetensors\nparameters: {density: 0.2}\n";
+  const Result r = run("merge -q " + p("ties.yaml") + " -o " + p("out.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(read_values(dir / "out.safetensors", "scale"), (std::vector<double>{1}));  // the base: delta dropped
+  EXPECT_NE(r.err.find("taskvec: warning: tensor 'scale' (1 element): ties keeps round(density x 1) = 0 of its "
+                       "elements, so the non-zero task vector of models[0] (density 0.2) is dropped"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("'w'"), std::string::npos) << r.err;  // round(0.2 x 5) = 1 kept
+}
+
 }  // namespace
 }  // namespace taskvec

@@ -2,8 +2,14 @@
 // merges that drop a delta or write an all-zero tensor without a word.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <fstream>
 #include <string>
+#include <vector>
 
+#include "support/model_files.hpp"
+#include "support/temp_dir.hpp"
+#include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
 #include "taskvec/merge.hpp"
 
@@ -75,6 +81,79 @@ TEST(TrustRecipe, MultiDocumentRecipeIsRefused) {
 
 TEST(TrustRecipe, SingleDocumentWithStartMarkerIsFine) {
   EXPECT_EQ(parse("---\nmerge_method: linear\nmodels: [a, b]\n").code, ErrorCode::kInternal);
+}
+
+using test::read_values;
+using test::TempDir;
+using test::write_model;
+
+std::size_t count_containing(const std::vector<std::string>& lines, const std::string& part) {
+  return static_cast<std::size_t>(
+      std::count_if(lines.begin(), lines.end(), [&](const std::string& l) { return l.find(part) != std::string::npos; }));
+}
+
+EditReport merge_yaml(const TempDir& dir, const std::string& yaml, const std::string& out) {
+  const auto path = dir / "recipe.yaml";
+  std::ofstream(path) << yaml;
+  EditOptions o;
+  o.threads = 2;
+  return merge_checkpoints(load_recipe(path), dir / out, o);
+}
+
+// ---- item 3: a density that keeps no element of a non-zero task vector ----
+
+TEST(TrustMerge, TiesScalarWhoseDeltaIsDroppedIsReported) {
+  TempDir dir;
+  // "scale" has 1 element: round(0.2 x 1) = 0 kept. "same" has 1 element too, but no delta: nothing lost.
+  write_model(dir / "base.safetensors", {{"layers.0.w", DType::kF32, {5}, {0, 0, 0, 0, 0}},
+                                         {"scale", DType::kF32, {1}, {1}},
+                                         {"same", DType::kF32, {1}, {3}}});
+  write_model(dir / "a.safetensors", {{"layers.0.w", DType::kF32, {5}, {0.5, -0.1, 0.3, 0.0, -0.8}},
+                                      {"scale", DType::kF32, {1}, {2}},
+                                      {"same", DType::kF32, {1}, {3}}});
+  const EditReport r = merge_yaml(dir, "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
+                                       "  - model: a.safetensors\n    parameters: {density: 0.2}\n", "out.safetensors");
+  // The delta 2 - 1 is dropped: the output is the base's 1 (the reason for the warning).
+  EXPECT_EQ(read_values(dir / "out.safetensors", "scale"), (std::vector<double>{1}));
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'scale' (1 element): ties keeps round(density x 1) = 0 of its "
+                                         "elements, so the non-zero task vector of models[0] (density 0.2) is dropped"),
+            1u);
+  EXPECT_EQ(count_containing(r.warnings, "'same'"), 0u);
+  EXPECT_EQ(count_containing(r.warnings, "'layers.0.w'"), 0u);  // round(0.2 x 5) = 1 kept
+}
+
+TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
+  TempDir dir;
+  std::vector<test::TensorValues> base, a;
+  for (int i = 0; i < 7; ++i) {
+    base.push_back({"s" + std::to_string(i), DType::kF32, {1}, {0}});
+    a.push_back({"s" + std::to_string(i), DType::kF32, {1}, {1}});
+  }
+  write_model(dir / "base.safetensors", base);
+  write_model(dir / "a.safetensors", a);
+  const EditReport r = merge_yaml(dir, "merge_method: magnitude_prune\nbase_model: base.safetensors\nmodels:\n"
+                                       "  - model: a.safetensors\nparameters: {density: 0.4}\n", "out.safetensors");
+  EXPECT_EQ(count_containing(r.warnings, "magnitude_prune keeps round(density x 1) = 0"), 5u);
+  EXPECT_EQ(count_containing(r.warnings, "... and 2 more tensors whose density keeps no element"), 1u);
+  EXPECT_EQ(count_containing(r.warnings, "tensor 's0'"), 1u);  // by name, in file order
+  EXPECT_EQ(count_containing(r.warnings, "tensor 's6'"), 0u);
+}
+
+TEST(TrustMerge, KeptCountMatchesTheKernelsBand) {
+  MergeModelParams p;
+  MergeGlobalParams g;
+  p.density = 0.2f;
+  EXPECT_EQ(merge_topk_kept("ties", p, g, 1), 0);
+  EXPECT_EQ(merge_topk_kept("ties", p, g, 5), 1);
+  EXPECT_EQ(merge_topk_kept("magnitude_prune", p, g, 2), 0);  // floor(0.4 + 0.5) = 0
+  EXPECT_EQ(merge_topk_kept("dare_ties", p, g, 1), -1);       // random drops: no fixed count
+  g.trim_model = true;
+  EXPECT_EQ(merge_topk_kept("ties", p, g, 1), -1);            // whole-model threshold
+  p.density = 0.5f;
+  p.gamma = 0.5f;  // breadcrumbs, n = 3: top round(1.5 + .5) = 2 removed, band [2, min(3, 4)) keeps 1
+  EXPECT_EQ(merge_topk_kept("breadcrumbs", p, g, 3), 1);
+  p.gamma = 0.9f;  // n = 1: top 1 removed, nothing left
+  EXPECT_EQ(merge_topk_kept("breadcrumbs_ties", p, g, 1), 0);
 }
 
 }  // namespace
