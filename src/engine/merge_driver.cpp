@@ -287,8 +287,9 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     options.on_progress(p);
   };
 
-  // Issue 10 report: the merged tensors whose magnitude trim keeps no element of a non-zero task
-  // vector (job, message).
+  // Issue 10 reports: per job, whether some chunk of the output has a nonzero element; the merged
+  // tensors whose magnitude trim keeps no element of a non-zero task vector (job, message).
+  std::vector<std::atomic<bool>> out_nonzero(jobs.size());
   std::mutex dropped_mutex;
   std::vector<std::pair<std::size_t, std::string>> dropped;
 
@@ -378,6 +379,11 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                           name, item.begin + i));
           }
         }
+        if (job.kind == MergeJob::Kind::kMerge && !out_nonzero[item.job].load(std::memory_order_relaxed)) {
+          bool nonzero = false;
+          for (float x : result) nonzero |= x != 0.0f;
+          if (nonzero) out_nonzero[item.job].store(true, std::memory_order_relaxed);
+        }
         const std::uint64_t osize = dtype_bits(job.out) / 8;
         std::vector<std::byte> bytes(item.count * osize);
         encode_from_f32(job.out, result.data(), bytes.data(), result.size());
@@ -397,6 +403,27 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   std::vector<std::string> dropped_lines;
   for (auto& d : dropped) dropped_lines.push_back(std::move(d.second));
   warn_capped(dropped_lines, "whose density keeps no element of a non-zero task vector");
+  // A merged tensor whose every output element is zero, while the base (or, without a base, one of
+  // the models) has a nonzero element: the merge erased it. Read again only for those tensors.
+  std::vector<std::string> zero_lines;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const MergeJob& job = jobs[j];
+    if (job.kind != MergeJob::Kind::kMerge || job.elements == 0 || out_nonzero[j].load()) continue;
+    std::vector<const CheckpointTensor*> sources = job.models;
+    if (job.base) sources = {job.base};
+    bool had_nonzero = false;
+    for (const CheckpointTensor* t : sources) {
+      constexpr std::uint64_t kPiece = 1u << 20;
+      for (std::uint64_t b = 0; b < job.elements && !had_nonzero; b += kPiece)
+        for (float x : decode_range(*t, b, std::min(kPiece, job.elements - b))) had_nonzero |= x != 0.0f;
+      if (had_nonzero) break;
+    }
+    if (had_nonzero)
+      zero_lines.push_back(fmt::format("tensor '{}': every element of the output is zero, while the {} is not (the merge "
+                                       "erased it; check its weights, density and lambda)",
+                                       job.ref->info->name, job.base ? "base model's tensor" : "models' tensor"));
+  }
+  warn_capped(zero_lines, "whose every output element is zero");
   if (report.plan.is_folder && ref.folder()) {
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
     writer.commit(aux.copies, aux.generated);

@@ -79,5 +79,18 @@ TEST_F(TrustReportsCli, TiesScalarDeltaDroppedIsWarned) {
   EXPECT_EQ(r.err.find("'w'"), std::string::npos) << r.err;  // round(0.2 x 5) = 1 kept
 }
 
+TEST_F(TrustReportsCli, ApplyThatErasesATensorIsWarnedDiffIsNot) {
+  write_model(dir / "base.safetensors", {{"w", DType::kF32, {2}, {1, 2}}});
+  write_model(dir / "zero.safetensors", {{"w", DType::kF32, {2}, {0, 0}}});
+  const Result d = run("diff -q " + p("base.safetensors") + " " + p("base.safetensors") + " -o " + p("tau0.safetensors"), dir);
+  ASSERT_EQ(d.status, 0) << d.err;
+  EXPECT_EQ(d.err.find("every element"), std::string::npos) << d.err;  // a zero task vector is not reported
+  ASSERT_EQ(run("diff -q " + p("base.safetensors") + " " + p("zero.safetensors") + " -o " + p("tau.safetensors"), dir).status, 0);
+  const Result a = run("apply -q " + p("base.safetensors") + " -t " + p("tau.safetensors") + ":1 -o " + p("out.safetensors"), dir);
+  ASSERT_EQ(a.status, 0) << a.err;
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{0, 0}));
+  EXPECT_NE(a.err.find("taskvec: warning: tensor 'w': every element of the output is zero"), std::string::npos) << a.err;
+}
+
 }  // namespace
 }  // namespace taskvec

@@ -156,5 +156,82 @@ TEST(TrustMerge, KeptCountMatchesTheKernelsBand) {
   EXPECT_EQ(merge_topk_kept("breadcrumbs_ties", p, g, 1), 0);
 }
 
+// ---- item 4: all-zero output tensors ----
+
+TEST(TrustMerge, MergeThatErasesATensorIsReported) {
+  TempDir dir;
+  write_model(dir / "base.safetensors", {{"w", DType::kF32, {2}, {1, 2}}, {"z", DType::kF32, {2}, {0, 0}}});
+  write_model(dir / "a.safetensors", {{"w", DType::kF32, {2}, {0, 0}}, {"z", DType::kF32, {2}, {0, 0}}});
+  // task_arithmetic: base + (a - base) = a = 0 for w; z is zero in the base already: nothing erased.
+  const EditReport r = merge_yaml(dir, "merge_method: task_arithmetic\nbase_model: base.safetensors\nmodels:\n"
+                                       "  - model: a.safetensors\n", "out.safetensors");
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{0, 0}));
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'w': every element of the output is zero, while the base model's "
+                                         "tensor is not"),
+            1u);
+  EXPECT_EQ(count_containing(r.warnings, "'z'"), 0u);
+}
+
+TEST(TrustMerge, LinearMergeToZeroWithoutBaseIsReported) {
+  TempDir dir;
+  write_model(dir / "a.safetensors", {{"w", DType::kF32, {2}, {1, 2}}});
+  write_model(dir / "b.safetensors", {{"w", DType::kF32, {2}, {1, 2}}});
+  const EditReport r = merge_yaml(dir, "merge_method: linear\nmodels:\n  - model: a.safetensors\n"
+                                       "  - model: b.safetensors\n    parameters: {weight: -1}\n"
+                                       "parameters: {normalize: false}\n", "out.safetensors");
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w"), (std::vector<double>{0, 0}));
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'w': every element of the output is zero, while the models' tensor"), 1u);
+}
+
+class TrustEdit : public ::testing::Test {
+ protected:
+  TempDir dir;
+  EditOptions options;
+};
+
+TEST_F(TrustEdit, ApplyThatErasesATensorIsReportedButDiffIsNot) {
+  write_model(dir / "pre.safetensors", {{"w", DType::kF32, {2, 2}, {1, 2, 3, 4}}, {"b", DType::kF32, {2}, {0, 0}}});
+  write_model(dir / "ft.safetensors", {{"w", DType::kF32, {2, 2}, {0, 0, 0, 0}}, {"b", DType::kF32, {2}, {0, 0}}});
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  // diff of a model with itself: every task vector is zero (frozen tensors), and that is not reported.
+  const EditReport same = make_task_vector(pre, pre, dir / "zero_tau.safetensors", options);
+  EXPECT_EQ(count_containing(same.warnings, "every element"), 0u);
+  make_task_vector(pre, Checkpoint::open(dir / "ft.safetensors"), dir / "tau.safetensors", options);
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  // pre + 1 * (ft - pre) = ft = 0 for w; b is zero in pre already: not erased by the edit.
+  const EditReport full = apply_task_vectors(pre, {{&tau, 1.0}}, dir / "ft_again.safetensors", options);
+  EXPECT_EQ(read_values(dir / "ft_again.safetensors", "w"), (std::vector<double>{0, 0, 0, 0}));
+  EXPECT_EQ(count_containing(full.warnings, "tensor 'w': every element of the output is zero, while the base "
+                                            "checkpoint's tensor is not"),
+            1u);
+  EXPECT_EQ(count_containing(full.warnings, "'b'"), 0u);
+  const EditReport half = apply_task_vectors(pre, {{&tau, 0.5}}, dir / "half.safetensors", options);
+  EXPECT_EQ(count_containing(half.warnings, "every element"), 0u);
+}
+
+TEST_F(TrustEdit, NonzeroOnlyInTheLastChunkIsNotReported) {
+  // 5000 elements in chunks of 1024 (tiny memory budget, one thread): only the last chunk's last
+  // element is nonzero, so the per-job flag must come from that chunk.
+  std::vector<double> ones(5000, 1.0), ft(5000, 0.0);
+  ft.back() = 5.0;
+  write_model(dir / "pre.safetensors", {{"w", DType::kF32, {5000}, ones}});
+  write_model(dir / "ft.safetensors", {{"w", DType::kF32, {5000}, ft}});
+  options.threads = 1;
+  options.memory_budget = 1;
+  Checkpoint pre = Checkpoint::open(dir / "pre.safetensors");
+  make_task_vector(pre, Checkpoint::open(dir / "ft.safetensors"), dir / "tau.safetensors", options);
+  Checkpoint tau = Checkpoint::open(dir / "tau.safetensors");
+  const EditReport last = apply_task_vectors(pre, {{&tau, 1.0}}, dir / "out.safetensors", options);
+  EXPECT_EQ(read_values(dir / "out.safetensors", "w").back(), 5.0);
+  EXPECT_EQ(count_containing(last.warnings, "every element"), 0u);
+  // And with the last element zero too, the whole tensor is zero: reported once.
+  ft.back() = 0.0;
+  write_model(dir / "ft0.safetensors", {{"w", DType::kF32, {5000}, ft}});
+  make_task_vector(pre, Checkpoint::open(dir / "ft0.safetensors"), dir / "tau0.safetensors", options);
+  Checkpoint tau0 = Checkpoint::open(dir / "tau0.safetensors");
+  const EditReport zero = apply_task_vectors(pre, {{&tau0, 1.0}}, dir / "out0.safetensors", options);
+  EXPECT_EQ(count_containing(zero.warnings, "tensor 'w': every element of the output is zero"), 1u);
+}
+
 }  // namespace
 }  // namespace taskvec
