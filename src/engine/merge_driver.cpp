@@ -349,15 +349,28 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           method.kernel(in, result);
           if (item.begin == 0 && item.count == job.elements) {  // the top-k methods merge whole tensors
             std::string lost;
+            // ties with `trim: model` keeps round(density x all merged elements) by one threshold per
+            // model: infinite when that count is 0 (MagnitudeThreshold), and then every tensor loses its delta.
+            const bool whole_model = job.global.trim_model && method.name == "ties";
             for (std::size_t m = 0; m < model_values.size(); ++m) {
-              if (merge_topk_kept(method.name, job.model_params[m], job.global, job.elements) != 0) continue;
+              const std::int64_t kept =
+                  whole_model ? (m < trim_thresholds.size() && std::isinf(trim_thresholds[m]) ? 0 : -1)
+                              : merge_topk_kept(method.name, job.model_params[m], job.global, job.elements);
+              if (kept != 0) continue;
               bool moved = false;
               for (std::uint64_t i = 0; i < item.count && !moved; ++i)
                 moved = model_values[m][i] != (base_values.empty() ? 0.0f : base_values[i]);
               if (moved) lost += fmt::format("{}models[{}] (density {:g})", lost.empty() ? "" : ", ", m,
                                              job.model_params[m].density);
             }
-            if (!lost.empty()) {
+            if (!lost.empty() && whole_model) {
+              std::string msg = fmt::format(
+                  "tensor '{}' ({} element{}): ties with 'trim: model' keeps round(density x the model's merged "
+                  "elements) = 0 elements, so the non-zero task vector of {} is dropped from the merge; raise density",
+                  name, job.elements, job.elements == 1 ? "" : "s", lost);
+              std::lock_guard lock(dropped_mutex);
+              dropped.emplace_back(item.job, std::move(msg));
+            } else if (!lost.empty()) {
               std::string msg = fmt::format(
                   "tensor '{}' ({} element{}): {} keeps round(density x {}) = 0 of its elements, so the non-zero task "
                   "vector of {} is dropped from the merge; raise density for this tensor in the recipe (e.g. a "

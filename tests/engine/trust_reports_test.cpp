@@ -139,6 +139,22 @@ TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
   EXPECT_EQ(count_containing(r.warnings, "tensor 's6'"), 0u);
 }
 
+TEST(TrustMerge, WholeModelTrimThatKeepsNothingIsReported) {
+  TempDir dir;
+  // trim: model over 2 merged elements at density 0.2: round(0.4) = 0 kept in the whole model.
+  write_model(dir / "base.safetensors", {{"a", DType::kF32, {1}, {0}}, {"b", DType::kF32, {1}, {0}}});
+  write_model(dir / "m.safetensors", {{"a", DType::kF32, {1}, {1}}, {"b", DType::kF32, {1}, {0}}});
+  const EditReport r = merge_yaml(dir, "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
+                                       "  - model: m.safetensors\nparameters: {density: 0.2, trim: model}\n",
+                                  "out.safetensors");
+  EXPECT_EQ(read_values(dir / "out.safetensors", "a"), (std::vector<double>{0}));  // the delta 1 is dropped
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'a' (1 element): ties with 'trim: model' keeps round(density x "
+                                         "the model's merged elements) = 0 elements, so the non-zero task vector of "
+                                         "models[0] (density 0.2) is dropped"),
+            1u);
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'b'"), 0u);  // no delta: nothing lost
+}
+
 TEST(TrustMerge, KeptCountMatchesTheKernelsBand) {
   MergeModelParams p;
   MergeGlobalParams g;
