@@ -418,8 +418,6 @@ class Engine {
     return items;
   }
 
-  // --merge-extra-rows: out = s*base + sum of the terms over the elements an input has (the others add
-  // nothing); elements past the base come from the first input that has them. Not the hot path.
   // diff writes task vectors, legitimately zero for frozen tensors: no all-zero report there (docs/NUMERICS.md).
   bool track_zero() const { return policy_ != DtypePolicy::kTaskVector; }
 
@@ -452,6 +450,8 @@ class Engine {
       report.warnings.push_back(fmt::format("... and {} more tensors whose every output element is zero", names.size() - 5));
   }
 
+  // --merge-extra-rows: out = s*base + sum of the terms over the elements an input has (the others add
+  // nothing); elements past the base come from the first input that has them. Not the hot path.
   template <typename T>
   void run_resized_chunk(Job& job, const Item& item, Buffers& buf, const CheckpointWriter& writer, std::uint64_t& read,
                          std::uint64_t& written) {

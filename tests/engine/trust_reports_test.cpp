@@ -1,5 +1,6 @@
 // Issue 10, "numbers that are silently wrong": recipes that would silently keep one of two values,
 // merges that drop a delta or write an all-zero tensor without a word.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -126,8 +127,8 @@ TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
   TempDir dir;
   std::vector<test::TensorValues> base, a;
   for (int i = 0; i < 7; ++i) {
-    base.push_back({"s" + std::to_string(i), DType::kF32, {1}, {0}});
-    a.push_back({"s" + std::to_string(i), DType::kF32, {1}, {1}});
+    base.push_back({fmt::format("s{}", i), DType::kF32, {1}, {0}});
+    a.push_back({fmt::format("s{}", i), DType::kF32, {1}, {1}});
   }
   write_model(dir / "base.safetensors", base);
   write_model(dir / "a.safetensors", a);
