@@ -123,6 +123,13 @@ void dare_drop(std::span<float> tau, std::uint64_t key, std::uint64_t first_inde
 /// Number of entries kept for a fraction of n: floor(fraction * n + 0.5), clamped to [0, n].
 std::uint64_t merge_keep_count(double fraction, std::uint64_t n) noexcept;
 
+/// For the magnitude top-k methods (ties without `trim: model`, breadcrumbs, breadcrumbs_ties,
+/// magnitude_prune): how many of the n elements of one model's task vector survive the trim with
+/// these parameters (round(density * n), past the gamma outliers for breadcrumbs). -1 for every other
+/// method (random drops, no trim): the count is not fixed there. Pure; throws nothing.
+std::int64_t merge_topk_kept(std::string_view method, const MergeModelParams& model, const MergeGlobalParams& global,
+                             std::uint64_t n) noexcept;
+
 /// Exact k-th largest magnitude across many tensors in bounded memory (the "whole model" trim of the
 /// official TIES code): a two-pass radix select on the f32 bit patterns. Feed every span with add()
 /// in pass 1, call next_pass(), feed the same values again, then threshold(). Order does not matter.

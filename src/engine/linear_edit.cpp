@@ -45,6 +45,7 @@ struct Job {
   std::size_t shard = 0, index = 0;
   std::uint64_t elements = 0, chunk = 0, chunks = 0;
   std::atomic<std::uint64_t> chunks_left{0};
+  std::atomic<bool> nonzero{false};  // some chunk's result has an element != 0 (issue 10: all-zero outputs)
   std::vector<std::uint64_t> shape;            // output shape
   // --merge-extra-rows: inputs whose first dimension differs from the base's (e.g. a vocabulary of
   // 32007 rows against 32000). Rows all inputs share are combined; the others are copied.
@@ -110,6 +111,16 @@ TASKVEC_SIMD_CLONES bool all_finite_f32(const float* __restrict v, std::uint64_t
     carry |= (bits & 0x7F80'0000u) + 0x0080'0000u;
   }
   return (carry & 0x8000'0000u) == 0;
+}
+
+// Whether some element of v is != 0 (+0 and -0 are zero; NaN counts as nonzero): an integer
+// OR-reduction of the bits without the sign bit, which vectorizes.
+template <typename T>
+bool any_nonzero(const T* __restrict v, std::uint64_t n) {
+  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  U bits = 0;
+  for (std::uint64_t i = 0; i < n; ++i) bits |= std::bit_cast<U>(v[i]);
+  return (bits & ~(U{1} << (8 * sizeof(U) - 1))) != 0;
 }
 
 template <typename T>
@@ -260,6 +271,7 @@ class Engine {
         },
         report_progress);
     report_progress();
+    warn_zero_outputs(report);
     if (report.plan.is_folder && base_.folder()) {
       const detail::OutputAuxiliary aux = detail::output_auxiliary_files(
           base_, inputs_.untied_base, detail::output_vocab(report.plan, inputs_.inputs));
@@ -389,6 +401,38 @@ class Engine {
     return items;
   }
 
+  // diff writes task vectors, legitimately zero for frozen tensors: no all-zero report there (docs/NUMERICS.md).
+  bool track_zero() const { return policy_ != DtypePolicy::kTaskVector; }
+
+  // Issue 10: a computed output tensor whose every element is zero while the base's is not (an edit
+  // that erased it) is reported; the base is read again only for those tensors. At most 5 by name.
+  void warn_zero_outputs(EditReport& report) const {
+    if (!track_zero()) return;
+    std::vector<std::string> names;
+    std::vector<float> piece;
+    std::vector<std::byte> staged;
+    for (const auto& job : jobs_) {
+      if (!job->compute || job->elements == 0 || job->nonzero.load()) continue;
+      constexpr std::uint64_t kPiece = 1u << 16;
+      bool base_nonzero = false;
+      const std::uint64_t base_elements = job->base->info->num_elements();
+      for (std::uint64_t b = 0; b < base_elements && !base_nonzero; b += kPiece) {
+        const std::uint64_t count = std::min(kPiece, base_elements - b);
+        piece.resize(count);
+        detail::read_decoded(*job->base, b, count, piece.data(), staged);
+        base_nonzero = any_nonzero(piece.data(), count);
+      }
+      if (base_nonzero) names.push_back(job->base->info->name);
+    }
+    for (std::size_t i = 0; i < names.size() && i < 5; ++i) {
+      report.warnings.push_back(fmt::format("tensor '{}': every element of the output is zero, while the base "
+                                            "checkpoint's tensor is not (check the coefficients)",
+                                            names[i]));
+    }
+    if (names.size() > 5)
+      report.warnings.push_back(fmt::format("... and {} more tensors whose every output element is zero", names.size() - 5));
+  }
+
   // --merge-extra-rows: out = s*base + sum of the terms over the elements an input has (the others add
   // nothing); elements past the base come from the first input that has them. Not the hot path.
   template <typename T>
@@ -426,6 +470,8 @@ class Engine {
                                                      "(use --allow-nonfinite to proceed)",
                                                      bi.name, begin));
     }
+    if (track_zero() && !job.nonzero.load(std::memory_order_relaxed) && any_nonzero(acc.data(), n))
+      job.nonzero.store(true, std::memory_order_relaxed);
     const std::uint64_t osize = dtype_bits(job.out) / 8;
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     encode<T>(job.out, acc.data(), buf.out.data(), n);
@@ -470,6 +516,8 @@ class Engine {
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     const T s = static_cast<T>(scale_);
     bool finite = true;
+    // Once a block of the job has a nonzero result, no later block checks (one cheap OR pass at most per chunk).
+    bool nonzero = !track_zero() || job.nonzero.load(std::memory_order_relaxed);
     for (std::uint64_t b = 0; b < n; b += kBlockElements) {
       const std::uint64_t m = std::min(kBlockElements, n - b);
       decode<T>(bi.dtype, base_bytes + b * bsize, base, m);
@@ -504,8 +552,10 @@ class Engine {
           finite &= all_finite(acc, m);
         }
       }
+      if (!nonzero) nonzero = any_nonzero(acc, m);
       encode<T>(job.out, acc, buf.out.data() + b * osize, m);
     }
+    if (nonzero && !job.nonzero.load(std::memory_order_relaxed)) job.nonzero.store(true, std::memory_order_relaxed);
     read += staged_bytes;
     if (!finite) report_nonfinite<T>(job, item, buf);
     writer.write(job.shard, job.index, item.begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));

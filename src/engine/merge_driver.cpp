@@ -356,6 +356,12 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     options.on_progress(p);
   };
 
+  // Issue 10 reports: per job, whether some chunk of the output has a nonzero element; the merged
+  // tensors whose magnitude trim keeps no element of a non-zero task vector (job, message).
+  std::vector<std::atomic<bool>> out_nonzero(jobs.size());
+  std::mutex dropped_mutex;
+  std::vector<std::pair<std::size_t, std::string>> dropped;
+
   detail::parallel_for(
       items.size(), threads,
       [&](std::size_t k, unsigned) {
@@ -410,6 +416,39 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           if (job.global.trim_model) in.trim_thresholds = trim_thresholds;
           result.resize(item.count);
           method.kernel(in, result);
+          if (item.begin == 0 && item.count == job.elements) {  // the top-k methods merge whole tensors
+            std::string lost;
+            // ties with `trim: model` keeps round(density x all merged elements) by one threshold per
+            // model: infinite when that count is 0 (MagnitudeThreshold), and then every tensor loses its delta.
+            const bool whole_model = job.global.trim_model && method.name == "ties";
+            for (std::size_t m = 0; m < model_values.size(); ++m) {
+              const std::int64_t kept =
+                  whole_model ? (m < trim_thresholds.size() && std::isinf(trim_thresholds[m]) ? 0 : -1)
+                              : merge_topk_kept(method.name, job.model_params[m], job.global, job.elements);
+              if (kept != 0) continue;
+              bool moved = false;
+              for (std::uint64_t i = 0; i < item.count && !moved; ++i)
+                moved = model_values[m][i] != (base_values.empty() ? 0.0f : base_values[i]);
+              if (moved) lost += fmt::format("{}models[{}] (density {:g})", lost.empty() ? "" : ", ", m,
+                                             job.model_params[m].density);
+            }
+            if (!lost.empty() && whole_model) {
+              std::string msg = fmt::format(
+                  "tensor '{}' ({} element{}): ties with 'trim: model' keeps round(density x the model's merged "
+                  "elements) = 0 elements, so the non-zero task vector of {} is dropped from the merge; raise density",
+                  name, job.elements, job.elements == 1 ? "" : "s", lost);
+              std::lock_guard lock(dropped_mutex);
+              dropped.emplace_back(item.job, std::move(msg));
+            } else if (!lost.empty()) {
+              std::string msg = fmt::format(
+                  "tensor '{}' ({} element{}): {} keeps round(density x {}) = 0 of its elements, so the non-zero task "
+                  "vector of {} is dropped from the merge; raise density for this tensor in the recipe (e.g. a "
+                  "{{filter: '{}', value: 1}} entry under 'density')",
+                  name, job.elements, job.elements == 1 ? "" : "s", method.name, job.elements, lost, name);
+              std::lock_guard lock(dropped_mutex);
+              dropped.emplace_back(item.job, std::move(msg));
+            }
+          }
           if (!options.allow_nonfinite) {
             bool ok = true;
             for (float x : result) ok &= (x - x == 0.0f);
@@ -422,6 +461,11 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                           name, item.begin + i));
           }
         }
+        if (job.kind == MergeJob::Kind::kMerge && !out_nonzero[item.job].load(std::memory_order_relaxed)) {
+          bool nonzero = false;
+          for (float x : result) nonzero |= x != 0.0f;
+          if (nonzero) out_nonzero[item.job].store(true, std::memory_order_relaxed);
+        }
         const std::uint64_t osize = dtype_bits(job.out) / 8;
         std::vector<std::byte> bytes(item.count * osize);
         encode_from_f32(job.out, result.data(), bytes.data(), result.size());
@@ -431,6 +475,37 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       },
       progress);
   progress();
+  // At most kListed warnings of one kind by name, then one line with the count of the others.
+  constexpr std::size_t kListed = 5;
+  auto warn_capped = [&](const std::vector<std::string>& lines, const char* rest) {
+    for (std::size_t i = 0; i < lines.size() && i < kListed; ++i) report.warnings.push_back(lines[i]);
+    if (lines.size() > kListed) report.warnings.push_back(fmt::format("... and {} more tensors {}", lines.size() - kListed, rest));
+  };
+  std::sort(dropped.begin(), dropped.end());
+  std::vector<std::string> dropped_lines;
+  for (auto& d : dropped) dropped_lines.push_back(std::move(d.second));
+  warn_capped(dropped_lines, "whose density keeps no element of a non-zero task vector");
+  // A merged tensor whose every output element is zero, while the base (or, without a base, one of
+  // the models) has a nonzero element: the merge erased it. Read again only for those tensors.
+  std::vector<std::string> zero_lines;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const MergeJob& job = jobs[j];
+    if (job.kind != MergeJob::Kind::kMerge || job.elements == 0 || out_nonzero[j].load()) continue;
+    std::vector<const CheckpointTensor*> sources = job.models;
+    if (job.base) sources = {job.base};
+    bool had_nonzero = false;
+    for (const CheckpointTensor* t : sources) {
+      constexpr std::uint64_t kPiece = 1u << 20;
+      for (std::uint64_t b = 0; b < job.elements && !had_nonzero; b += kPiece)
+        for (float x : decode_range(*t, b, std::min(kPiece, job.elements - b))) had_nonzero |= x != 0.0f;
+      if (had_nonzero) break;
+    }
+    if (had_nonzero)
+      zero_lines.push_back(fmt::format("tensor '{}': every element of the output is zero, while the {} is not (the merge "
+                                       "erased it; check its weights, density and lambda)",
+                                       job.ref->info->name, job.base ? "base model's tensor" : "models' tensor"));
+  }
+  warn_capped(zero_lines, "whose every output element is zero");
   if (report.plan.is_folder && ref.folder()) {
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());

@@ -159,6 +159,16 @@ std::uint64_t merge_keep_count(double fraction, std::uint64_t n) noexcept {
   return std::min<std::uint64_t>(n, static_cast<std::uint64_t>(k));
 }
 
+std::int64_t merge_topk_kept(std::string_view method, const MergeModelParams& model, const MergeGlobalParams& global,
+                             std::uint64_t n) noexcept {
+  // Same counts as bands_for: the band [top, min(n, top + keep)) of the ranked magnitudes.
+  const bool breadcrumbs = method == "breadcrumbs" || method == "breadcrumbs_ties";
+  if (!breadcrumbs && method != "magnitude_prune" && !(method == "ties" && !global.trim_model)) return -1;
+  const std::uint64_t top = breadcrumbs ? merge_keep_count(model.gamma, n) : 0;
+  const std::uint64_t keep = merge_keep_count(model.density, n);
+  return static_cast<std::int64_t>(std::min(n, top + keep) - std::min(n, top));
+}
+
 namespace {
 
 inline std::uint64_t mix64(std::uint64_t z) noexcept {  // splitmix64 finaliser

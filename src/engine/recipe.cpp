@@ -1,11 +1,13 @@
 // YAML merge recipes (in the spirit of mergekit's): parsing, validation against the method registry,
 // and per-tensor resolution of scalar / layer-interpolated / filtered parameters. docs/METHODS.md.
+#include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
@@ -267,6 +269,34 @@ DType parse_dtype_key(const Ctx& ctx, const YAML::Node& node, const std::string&
   return *d;
 }
 
+// yaml-cpp keeps every pair of a mapping when iterating, but node["key"] finds only the first: a key
+// given twice would silently keep one of the values. One rule for every mapping of the recipe (top
+// level, models entries, parameters, filter entries, anything nested): a key given twice is refused.
+void check_duplicate_keys(const Ctx& ctx, const YAML::Node& node, const std::string& where) {
+  if (node.IsSequence()) {
+    for (std::size_t i = 0; i < node.size(); ++i) check_duplicate_keys(ctx, node[i], fmt::format("{}[{}]", where, i));
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::map<std::string, int> seen;  // key -> 1-based line of its first occurrence
+  for (const auto& kv : node) {
+    if (kv.first.IsScalar()) {
+      const std::string k = kv.first.Scalar();
+      const std::string key = where.empty() ? k : where + "." + k;
+      const int line = kv.first.Mark().line + 1;
+      const auto [it, fresh] = seen.emplace(k, line);
+      if (!fresh) {
+        throw Error(ErrorCode::kRecipe,
+                    fmt::format("{}:{}: '{}': given twice (lines {} and {}); keep one of them", ctx.file, line, key,
+                                it->second, line));
+      }
+      check_duplicate_keys(ctx, kv.second, key);
+    } else {
+      check_duplicate_keys(ctx, kv.second, where);
+    }
+  }
+}
+
 bool all_scalar(const std::map<std::string, RecipeValue>& params) {
   for (const auto& [k, v] : params)
     if (v.kind != RecipeValue::Kind::kScalar) return false;
@@ -376,11 +406,21 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
   Ctx ctx{file.string()};
   YAML::Node root;
   try {
-    root = YAML::Load(yaml_text);
+    // LoadAll, not Load: Load reads the first document only and would silently drop the others.
+    const std::vector<YAML::Node> docs = YAML::LoadAll(yaml_text);
+    if (docs.size() > 1) {
+      const int line = docs[1].IsDefined() && docs[1].Mark().line >= 0 ? docs[1].Mark().line + 1 : 0;
+      throw Error(ErrorCode::kRecipe,
+                  fmt::format("{}: the file holds {} YAML documents (separated by '---'; the second starts near line {}): "
+                              "multi-document recipes are not supported yet; put one recipe per file",
+                              ctx.file, docs.size(), line));
+    }
+    if (!docs.empty()) root = docs.front();
   } catch (const YAML::ParserException& e) {
     throw Error(ErrorCode::kRecipe, ctx.file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
   }
   if (!root.IsMap()) throw Error(ErrorCode::kRecipe, ctx.file + ": a recipe is a YAML mapping (merge_method, models, ...)");
+  check_duplicate_keys(ctx, root, "");
   const std::filesystem::path folder = file == "<string>" ? std::filesystem::path() : file.parent_path();
 
   Recipe r;
