@@ -174,6 +174,7 @@ class Engine {
     auto start = std::chrono::steady_clock::now();
     EditReport report;
     report.warnings = inputs_.warnings;
+    for (const auto& c : inputs_.inputs) report.warnings.insert(report.warnings.end(), c.notes().begin(), c.notes().end());
     plan_jobs(report);
     std::vector<TensorSpec> specs;
     specs.reserve(jobs_.size());
@@ -216,6 +217,7 @@ class Engine {
     for (const auto& term : terms_) {
       for (const auto& shard : term.input->shards()) inputs.push_back(shard->path());
     }
+    for (const auto& c : inputs_.inputs) if (c.folder()) inputs.push_back(*c.folder());  // protects input folders
     CheckpointWriter writer(report.plan, options_.write, inputs);
 
     std::vector<Item> items = make_items();

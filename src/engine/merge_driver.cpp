@@ -126,6 +126,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
 
   EditReport report;
   report.warnings = tie_warnings;
+  if (base) report.warnings.insert(report.warnings.end(), base->notes().begin(), base->notes().end());
+  for (const auto& m : models) report.warnings.insert(report.warnings.end(), m.notes().begin(), m.notes().end());
   // Every model must have the reference's tensors, with the same shapes.
   std::vector<const Checkpoint*> others;
   for (const auto& m : models) others.push_back(&m);
@@ -265,6 +267,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     for (const auto& s : base->shards()) inputs.push_back(s->path());
   for (const auto& m : models)
     for (const auto& s : m.shards()) inputs.push_back(s->path());
+  if (base && base->folder()) inputs.push_back(*base->folder());  // protects input folders
+  for (const auto& m : models) if (m.folder()) inputs.push_back(*m.folder());
   CheckpointWriter writer(report.plan, options.write, inputs);
 
   // Largest items first so the last worker does not start a big one alone; the order changes
