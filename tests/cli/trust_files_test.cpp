@@ -146,5 +146,17 @@ TEST_F(TrustFiles, StrayShardBesideAnIndexIsReported) {
   EXPECT_NE(r.err.find("'model.safetensors' is not named by"), std::string::npos) << r.err;
 }
 
+TEST_F(TrustFiles, InspectEscapesControlBytesOfMetadataAndNames) {
+  test::write_file(dir / "evil.safetensors",
+                   test::make_safetensors_bytes(
+                       R"({"__metadata__":{"k\u001b[2J":"a\u001b[2Jb\u0000c"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                       test::bytes_of<float>({1})));
+  Result r = run("inspect " + p("evil.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out.find('\x1b'), std::string::npos);
+  EXPECT_EQ(r.out.find('\0'), std::string::npos);
+  EXPECT_NE(r.out.find("metadata k\\x1b[2J = a\\x1b[2Jb\\x00c"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace taskvec
