@@ -18,7 +18,7 @@ enum class ErrorCode : int {
   kIo,                   ///< a file cannot be opened, read, mapped, written, synced or renamed
   kOutputExists,         ///< the output exists (without --force) or would overwrite an input
   kDiskFull,             ///< no space left (ENOSPC / EFBIG) while writing an output
-  // safetensors format rules (shared/reference/FORMAT-RULES.md, part B).
+  // safetensors format rules (docs/FORMATS.md, B1-B25).
   kHeaderTooSmall,       ///< file shorter than 8 bytes, or header length N < 2 (B1)
   kHeaderTooLarge,       ///< header length N > 100,000,000 bytes (B2)
   kInvalidHeaderLength,  ///< 8 + N exceeds the file size (B3)

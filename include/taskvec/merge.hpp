@@ -4,7 +4,7 @@
 // Every method is a pure function on f32 spans for ONE tensor: base + N fine-tuned models -> one
 // output span. No I/O, no global state, no dependence on thread count. Randomness (DARE, DELLA) comes
 // from a counter-based generator keyed by (seed, tensor name, model index) and the element index.
-// shared/reference/METHODS-SPEC.md has the formulas; docs/METHODS.md what taskvec does and why.
+// docs/METHODS.md has the formulas, worked examples and what taskvec does and why.
 #pragma once
 
 #include <cstdint>

@@ -12,7 +12,7 @@
 //   header = { "__metadata__": {"k": "v", ...},                      (optional, string -> string)
 //              "name": {"dtype": "BF16", "shape": [d0, d1, ...], "data_offsets": [begin, end]}, ... }
 //
-// Every rule of shared/reference/FORMAT-RULES.md part B is enforced on read; docs/FORMATS.md lists them
+// Every safetensors format rule (docs/FORMATS.md, B1-B25) is enforced on read; docs/FORMATS.md lists them
 // with the ErrorCode each one raises.
 #pragma once
 
