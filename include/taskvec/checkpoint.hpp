@@ -21,6 +21,10 @@ namespace taskvec {
 /// Name of the index file of a sharded Hugging Face checkpoint.
 inline constexpr const char* kIndexFileName = "model.safetensors.index.json";
 
+/// Largest index, config.json or other auxiliary file read or copied from a model folder (bytes). The
+/// tokenizer.json of big vocabularies is 10-20 MB; checked before anything is read.
+inline constexpr std::uint64_t kMaxFolderFileSize = 100'000'000;
+
 /// A tensor of a checkpoint: its header entry and the shard that holds it.
 struct CheckpointTensor {
   const TensorInfo* info = nullptr;
@@ -64,10 +68,18 @@ class Checkpoint {
   std::uint64_t total_bytes() const noexcept;
   /// Sum of all tensors' element counts.
   std::uint64_t total_elements() const noexcept;
-  /// Files of the folder that are not tensors but belong to the model (config.json,
-  /// generation_config.json, tokenizer*, special_tokens_map.json, vocab*, merges.txt, *.model,
-  /// chat_template*, preprocessor_config.json); empty for a single file.
-  std::vector<std::filesystem::path> auxiliary_files() const;
+  /// Files of the folder that are not tensors but belong to the model, copied into a folder output:
+  /// config.json, generation_config.json, tokenizer*, special_tokens_map.json, added_tokens.json,
+  /// vocab*, merges.txt, *.model, chat_template*, preprocessor_config.json, processor_config.json, and
+  /// the remote-code modules (NAME.py) that the auto_map of config.json, tokenizer_config.json,
+  /// (pre)processor_config.json names. Found and checked by open(): each must resolve inside the
+  /// folder (Error{kShardEscapes} otherwise), be a regular file of at most kMaxFolderFileSize bytes
+  /// (Error{kIo}). Empty for a single file.
+  std::vector<std::filesystem::path> auxiliary_files() const { return auxiliary_; }
+  /// Things open() noticed and ignored, one sentence each, for the user (the engine copies them into
+  /// EditReport::warnings): .safetensors files beside an index that it does not name, a
+  /// model.safetensors beside an index, auto_map code of another repository or missing from the folder.
+  const std::vector<std::string>& notes() const noexcept { return notes_; }
   /// A 16-hex-digit fingerprint of the content: FNV-1a over every tensor's name, dtype, shape and
   /// up to 64 evenly spaced 64-byte samples of its data. Reads ~4 KiB per tensor. Used to tie a task
   /// vector to the pretrained checkpoint it was made from.
@@ -89,6 +101,8 @@ class Checkpoint {
   std::vector<std::string> names_;
   std::map<std::string, CheckpointTensor, std::less<>> tensors_;
   std::map<std::string, std::string> index_metadata_;
+  std::vector<std::filesystem::path> auxiliary_;
+  std::vector<std::string> notes_;
 };
 
 /// How a checkpoint is written.

@@ -30,6 +30,11 @@
 
 namespace taskvec {
 
+/// `text` with every control byte (< 0x20, 0x7F; NUL, ESC included) written as \xHH (the rest unchanged),
+/// so untrusted names and metadata cannot drive a terminal when printed. Never throws but bad_alloc.
+std::string escape_control(std::string_view text);
+
+
 /// Largest header length N accepted on read and produced on write, in bytes (B2).
 inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
 /// Longest tensor name accepted, in bytes (Error{kInvalidName} beyond; real names are < 200 bytes).

@@ -185,6 +185,7 @@ class Engine {
     auto start = std::chrono::steady_clock::now();
     EditReport report;
     report.warnings = inputs_.warnings;
+    for (const auto& c : inputs_.inputs) report.warnings.insert(report.warnings.end(), c.notes().begin(), c.notes().end());
     detail::check_input_configs(inputs_.inputs, options_.merge_extra_rows, report.warnings);
     plan_jobs(report);
     std::vector<TensorSpec> specs;
@@ -228,6 +229,7 @@ class Engine {
     for (const auto& term : terms_) {
       for (const auto& shard : term.input->shards()) inputs.push_back(shard->path());
     }
+    for (const auto& c : inputs_.inputs) if (c.folder()) inputs.push_back(*c.folder());  // protects input folders
     CheckpointWriter writer(report.plan, options_.write, inputs);
 
     std::vector<Item> items = make_items();

@@ -165,6 +165,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   EditReport report;
   report.warnings = kind_warnings;
   report.warnings.insert(report.warnings.end(), tie_warnings.begin(), tie_warnings.end());
+  if (base) report.warnings.insert(report.warnings.end(), base->notes().begin(), base->notes().end());
+  for (const auto& m : models) report.warnings.insert(report.warnings.end(), m.notes().begin(), m.notes().end());
   // Every model must have the reference's tensors, with the same shapes (the checks linear edits make).
   for (const Checkpoint& other : models) {
     for (const auto& name : ref.tensor_names()) {
@@ -334,6 +336,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     for (const auto& s : base->shards()) inputs.push_back(s->path());
   for (const auto& m : models)
     for (const auto& s : m.shards()) inputs.push_back(s->path());
+  if (base && base->folder()) inputs.push_back(*base->folder());  // protects input folders
+  for (const auto& m : models) if (m.folder()) inputs.push_back(*m.folder());
   CheckpointWriter writer(report.plan, options.write, inputs);
 
   // Largest items first so the last worker does not start a big one alone; the order changes

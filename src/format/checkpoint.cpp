@@ -31,23 +31,6 @@ bool inside(const fs::path& folder, const fs::path& inner) {
   return true;
 }
 
-// Reads the index file. Its size is capped like a safetensors header (real indexes are a few MB even
-// for the largest models), so a hostile multi-GB index cannot make us allocate it and its JSON tree.
-std::string read_text_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(ErrorCode::kIo, path.string() + ": cannot open");
-  std::error_code ec;
-  const std::uintmax_t size = fs::file_size(path, ec);
-  if (!ec && size > kMaxHeaderSize) {
-    throw Error(ErrorCode::kInvalidIndex, path.string() + ": the index is " + std::to_string(size) +
-                                              " bytes, over the limit of " + std::to_string(kMaxHeaderSize));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error(ErrorCode::kIo, path.string() + ": cannot read");
-  return ss.str();
-}
-
 // Resolves shard `name` of the index in `folder`; throws kShardEscapes if it leaves the folder
 // (absolute, "..", or a symlink pointing out, even a dangling one) and kShardMissing if absent.
 fs::path resolve_shard(const fs::path& folder, const std::string& name, const std::string& label) {
@@ -84,6 +67,100 @@ fs::path resolve_shard(const fs::path& folder, const std::string& name, const st
     throw Error(ErrorCode::kShardMissing, label + ": shard " + quote_name(name) + " does not exist in " + folder.string());
   }
   return folder / rel;
+}
+
+bool is_auxiliary_name(const std::string& n) {
+  const auto starts = [&n](std::string_view p) { return n.starts_with(p); };
+  return n == "config.json" || n == "generation_config.json" || starts("tokenizer") || n == "special_tokens_map.json" ||
+         starts("vocab") || n == "merges.txt" || fs::path(n).extension() == ".model" || starts("chat_template") ||
+         n == "preprocessor_config.json" || n == "processor_config.json" || n == "added_tokens.json";
+}
+
+// Checks one file taskvec would copy from `folder`: inside the folder (symlinks resolved), regular,
+// at most kMaxFolderFileSize bytes. Throws Error naming the file.
+void check_auxiliary(const fs::path& folder, const fs::path& file) {
+  (void)format_detail::resolve_inside(folder, file, "this auxiliary file");
+  std::error_code ec;
+  const auto st = fs::status(file, ec);
+  if (ec || !fs::is_regular_file(st)) {
+    throw Error(ErrorCode::kIo, fmt::format("{}: not a regular file (a FIFO, device or socket in a model folder is "
+                                            "refused, never copied); remove it or replace it by the file itself",
+                                            file.string()));
+  }
+  const auto size = fs::file_size(file, ec);
+  if (ec || size > kMaxFolderFileSize) {
+    throw Error(ErrorCode::kIo, fmt::format("{}: {} bytes, over the limit of {} for an auxiliary file of a model folder",
+                                            file.string(), ec ? 0 : size, kMaxFolderFileSize));
+  }
+}
+
+// The module files named by the "auto_map" of a config (remote code): "modeling_foo.FooModel" ->
+// modeling_foo.py; "org/repo--modeling_foo.FooModel" is another repository: a note, nothing copied.
+void auto_map_files(const fs::path& folder, const fs::path& config, std::set<std::string>& names,
+                    std::vector<std::string>& notes) {
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(config, ec))) return;
+  check_auxiliary(folder, config);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(format_detail::read_folder_file(folder, config, kMaxFolderFileSize, ErrorCode::kIo));
+  } catch (const nlohmann::json::exception&) {
+    return;  // copied as is; transformers will say what is wrong with it
+  }
+  if (!j.is_object()) return;
+  const auto it = j.find("auto_map");
+  if (it == j.end() || !it->is_object()) return;
+  const auto take = [&](const std::string& ref) {
+    if (ref.find("--") != std::string::npos) {
+      notes.push_back(fmt::format("{}: auto_map names code of another repository, {}: it is not copied; the output "
+                                  "loads only where that repository can be fetched",
+                                  config.string(), quote_name(ref)));
+      return;
+    }
+    const auto dot = ref.rfind('.');
+    if (dot == std::string::npos || dot == 0) return;
+    const std::string file = ref.substr(0, dot) + ".py";
+    if (file.find('/') != std::string::npos || format_detail::name_problem(file) != "" || file.starts_with(".")) {
+      notes.push_back(fmt::format("{}: auto_map entry {} is not a module of the folder: not copied", config.string(),
+                                  quote_name(ref)));
+      return;
+    }
+    if (!fs::exists(fs::symlink_status(folder / file, ec))) {
+      notes.push_back(fmt::format("{}: auto_map names {}, which the folder lacks: the output will not load without it",
+                                  config.string(), quote_name(file)));
+      return;
+    }
+    names.insert(file);
+  };
+  for (const auto& [key, value] : it->items()) {
+    if (value.is_string()) take(value.get<std::string>());
+    if (value.is_array()) {
+      for (const auto& v : value) {
+        if (v.is_string()) take(v.get<std::string>());
+      }
+    }
+  }
+}
+
+std::vector<fs::path> scan_auxiliary_files(const fs::path& folder, std::vector<std::string>& notes) {
+  std::set<std::string> names;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(folder, ec)) {
+    const std::string n = entry.path().filename().string();
+    if (!is_auxiliary_name(n)) continue;
+    std::error_code dir_ec;
+    if (fs::is_directory(fs::symlink_status(entry.path(), dir_ec))) continue;  // e.g. a tokenizer/ folder
+    names.insert(n);
+  }
+  for (const char* config : {"config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"}) {
+    auto_map_files(folder, folder / config, names, notes);
+  }
+  std::vector<fs::path> out;
+  for (const auto& n : names) {
+    check_auxiliary(folder, folder / n);
+    out.push_back(folder / n);
+  }
+  return out;
 }
 
 }  // namespace
@@ -132,8 +209,8 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     }
   } else {
     const std::string label = index.string();
-    const nlohmann::json doc =
-        format_detail::parse_json_strict(read_text_file(index), label, ErrorCode::kInvalidIndex, ErrorCode::kInvalidIndex);
+    const nlohmann::json doc = format_detail::parse_json_strict(
+        format_detail::read_folder_file(*ck.folder_, index, kMaxFolderFileSize, ErrorCode::kInvalidIndex), label, ErrorCode::kInvalidIndex, ErrorCode::kInvalidIndex);
     if (!doc.is_object()) throw Error(ErrorCode::kInvalidIndex, label + ": the index is not a JSON object");
     if (const auto meta = doc.find("metadata"); meta != doc.end()) {
       if (!meta->is_object()) throw Error(ErrorCode::kInvalidIndex, label + ": \"metadata\" is not an object");
@@ -161,30 +238,45 @@ Checkpoint Checkpoint::open(const fs::path& path) {
       for (const auto& t : shard->header().tensors) {
         if (ck.tensors_.contains(t.name)) {
           throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in two shards: " +
-                                                    ck.tensors_.at(t.name).shard->path().filename().string() + " and " +
-                                                    shard_name);
+                                                    quote_name(ck.tensors_.at(t.name).shard->path().filename().string()) +
+                                                    " and " + quote_name(shard_name));
         }
         const auto it = weight_map.find(t.name);
         if (it == weight_map.end()) {
           throw Error(ErrorCode::kInvalidIndex,
-                      label + ": tensor " + quote_name(t.name) + " of shard " + shard_name + " is not in the weight_map");
+                      label + ": tensor " + quote_name(t.name) + " of shard " + quote_name(shard_name) + " is not in the weight_map");
         }
         if (it->second != shard_name) {
-          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in shard " + shard_name +
-                                                    " but the weight_map says " + it->second);
+          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in shard " + quote_name(shard_name) +
+                                                    " but the weight_map says " + quote_name(it->second));
         }
         ck.tensors_.emplace(t.name, CheckpointTensor{&t, shard});
+      }
+    }
+    // Files an index folder holds but the index does not name are ignored: say so.
+    if (fs::is_directory(*ck.folder_, ec)) {
+      std::vector<std::string> stray;
+      for (const auto& entry : fs::directory_iterator(*ck.folder_, ec)) {
+        const std::string n = entry.path().filename().string();
+        if (is_safetensors_name(entry.path()) && !shard_names.contains(n)) stray.push_back(n);
+      }
+      std::sort(stray.begin(), stray.end());
+      for (const auto& n : stray) {
+        ck.notes_.push_back(fmt::format("{}: {} is not named by {} and is ignored{}", ck.folder_->string(), quote_name(n),
+                                        kIndexFileName,
+                                        n == "model.safetensors" ? " (the index takes precedence over a single model file)" : ""));
       }
     }
     for (const auto& [name, shard] : weight_map) {
       if (!ck.tensors_.contains(name)) {
         throw Error(ErrorCode::kInvalidIndex,
-                    label + ": the weight_map puts tensor " + quote_name(name) + " in " + shard + ", which lacks it");
+                    label + ": the weight_map puts tensor " + quote_name(name) + " in " + quote_name(shard) + ", which lacks it");
       }
     }
   }
   ck.names_.reserve(ck.tensors_.size());
   for (const auto& [name, t] : ck.tensors_) ck.names_.push_back(name);
+  if (ck.folder_) ck.auxiliary_ = scan_auxiliary_files(*ck.folder_, ck.notes_);
   return ck;
 }
 
@@ -217,7 +309,7 @@ std::optional<bool> Checkpoint::tied_word_embeddings() const {
   std::error_code ec;
   if (!fs::is_regular_file(config, ec)) return std::nullopt;
   try {
-    auto j = nlohmann::json::parse(read_text_file(config));
+    auto j = nlohmann::json::parse(format_detail::read_folder_file(*folder_, config, kMaxFolderFileSize, ErrorCode::kIo));
     auto it = j.find("tie_word_embeddings");
     if (it == j.end() || !it->is_boolean()) return std::nullopt;
     return it->get<bool>();
@@ -243,24 +335,6 @@ std::uint64_t Checkpoint::total_elements() const noexcept {
   std::uint64_t sum = 0;
   for (const auto& [name, t] : tensors_) sum += t.info->num_elements();
   return sum;
-}
-
-std::vector<fs::path> Checkpoint::auxiliary_files() const {
-  std::vector<fs::path> out;
-  if (!folder_) return out;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(*folder_, ec)) {
-    if (!entry.is_regular_file()) continue;
-    const std::string n = entry.path().filename().string();
-    const auto starts = [&n](std::string_view p) { return n.starts_with(p); };
-    const bool aux = n == "config.json" || n == "generation_config.json" || starts("tokenizer") ||
-                     n == "special_tokens_map.json" || starts("vocab") || n == "merges.txt" ||
-                     entry.path().extension() == ".model" || starts("chat_template") ||
-                     n == "preprocessor_config.json";
-    if (aux) out.push_back(entry.path());
-  }
-  std::sort(out.begin(), out.end());
-  return out;
 }
 
 namespace {

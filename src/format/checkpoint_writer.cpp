@@ -1,5 +1,6 @@
 // CheckpointPlan (sharding, HF names) and CheckpointWriter (refusals, atomic publish, index last).
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -7,6 +8,8 @@
 #include <optional>
 #include <set>
 #include <string>
+
+#include <fmt/format.h>
 
 #include "format/internal.hpp"
 #include "taskvec/checkpoint.hpp"
@@ -45,17 +48,18 @@ std::vector<fs::path> protected_paths(const fs::path& in) {
 
 // Copies `from` into a temp file beside `to`, synced but not yet renamed (AtomicFile::commit publishes it).
 AtomicFile prepare_copy(const fs::path& from, const fs::path& to) {
-  const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO never blocks
   if (fd < 0) {
     const int err = errno;
     throw Error(ErrorCode::kIo, from.string() + ": cannot open: " + format_detail::errno_text(err));
   }
-  std::error_code ec;
-  const auto size = fs::file_size(from, ec);
-  if (ec) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<std::uint64_t>(st.st_size) > kMaxFolderFileSize) {
     ::close(fd);
-    throw Error(ErrorCode::kIo, from.string() + ": cannot stat: " + ec.message());
+    throw Error(ErrorCode::kIo, fmt::format("{}: not a regular file of at most {} bytes: not copied", from.string(),
+                                            kMaxFolderFileSize));
   }
+  const auto size = static_cast<std::uint64_t>(st.st_size);
   try {
     AtomicFile out(to, size);
     std::vector<std::byte> buf(1 << 20);
@@ -147,6 +151,41 @@ CheckpointWriter::CheckpointWriter(CheckpointPlan plan, const CheckpointWriteOpt
     targets.push_back(out / kIndexFileName);
     targets.push_back(out / "model.safetensors");
   }
+  // An output is never, and never inside, a checkpoint folder an input reads from (a folder input, the
+  // folder of an index input, and every folder a shard of those lives in), symlinks resolved: even with
+  // force, writing there would replace the input's index, configs and tokenizer. Checked before anything
+  // is created. A single-file input protects only itself, so `-o out.safetensors` may sit beside it.
+  {
+    std::vector<fs::path> folders;
+    for (const auto& in : inputs) {
+      fs::path folder;
+      if (fs::is_directory(in, ec)) folder = in;
+      else if (in.extension() == ".json") folder = in.has_parent_path() ? in.parent_path() : fs::path(".");
+      if (folder.empty()) continue;
+      const fs::path root = fs::canonical(folder, ec);
+      if (!ec) folders.push_back(root);
+    }
+    std::vector<fs::path> shard_folders;
+    for (const auto& in : inputs) {
+      if (fs::is_directory(in, ec)) continue;
+      const fs::path parent = fs::canonical(in, ec).parent_path();
+      if (ec) continue;
+      for (const auto& f : folders) {
+        if (format_detail::path_inside(f, parent)) shard_folders.push_back(parent);
+      }
+    }
+    folders.insert(folders.end(), shard_folders.begin(), shard_folders.end());
+    const fs::path out_resolved = fs::weakly_canonical(fs::absolute(out, ec), ec);
+    for (const auto& f : folders) {
+      if (!ec && format_detail::path_inside(f, out_resolved)) {
+        throw Error(ErrorCode::kOutputExists,
+                    fmt::format("{}: the output {} the input checkpoint folder {}; writing there would replace or "
+                                "shadow that input's files, so it is refused whatever the flags (--force does not "
+                                "change this): choose an output path outside it",
+                                out.string(), out_resolved == f ? "is" : "is inside", f.string()));
+      }
+    }
+  }
   // Inputs are never overwritten, not even with force.
   for (const auto& in : inputs) {
     for (const auto& p : protected_paths(in)) {
@@ -220,6 +259,14 @@ void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files,
         throw Error(ErrorCode::kOutputExists, dest.string() + ": already exists (use --force to replace it)");
       }
     };
+    const auto refuse_input = [&](const fs::path& dest) {
+      for (const auto& in : inputs_) {
+        if (format_detail::same_path(dest, in)) {
+          throw Error(ErrorCode::kOutputExists,
+                      fmt::format("{}: would replace the input {} (refused even with --force)", dest.string(), in.string()));
+        }
+      }
+    };
     for (const auto& [name, content] : generated_files) {
       const fs::path rel(name);
       if (name.empty() || rel.has_parent_path() || name == "." || name == "..") {
@@ -227,6 +274,7 @@ void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files,
                                                      " is not a plain file name");
       }
       refuse_existing(out / rel);
+      refuse_input(out / rel);
       generated.emplace_back(&content, out / rel);
     }
     for (const auto& aux : auxiliary_files) {
@@ -234,6 +282,7 @@ void CheckpointWriter::commit(const std::vector<fs::path>& auxiliary_files,
       if (generated_files.count(aux.filename().string()) != 0) continue;  // replaced by a generated file
       if (format_detail::same_path(aux, dest)) continue;
       refuse_existing(dest);
+      refuse_input(dest);
       copies.emplace_back(aux, dest);
     }
   }

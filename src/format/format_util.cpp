@@ -1,8 +1,14 @@
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstring>
 #include <string>
 #include <system_error>
 #include <unordered_set>
+
+#include <fmt/format.h>
 
 #include "format/internal.hpp"
 #include "taskvec/safetensors.hpp"
@@ -189,6 +195,81 @@ bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) n
   const auto cb = std::filesystem::weakly_canonical(b, ec);
   if (ec) return false;
   return ca == cb;
+}
+
+bool path_inside(const std::filesystem::path& folder, const std::filesystem::path& inner) noexcept {
+  auto f = folder.begin();
+  auto i = inner.begin();
+  for (; f != folder.end(); ++f, ++i) {
+    if (f->empty() && std::next(f) == folder.end()) return true;  // trailing separator
+    if (i == inner.end() || *f != *i) return false;
+  }
+  return true;
+}
+
+std::filesystem::path resolve_inside(const std::filesystem::path& folder, const std::filesystem::path& path,
+                                     const std::string& what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path root = fs::canonical(folder, ec);
+  if (ec) throw Error(ErrorCode::kIo, fmt::format("{}: cannot resolve: {}", folder.string(), ec.message()));
+  fs::path candidate = path.is_absolute() ? path : fs::absolute(path, ec);
+  // Follow the symlink chain by hand so a dangling link that points outside is still caught.
+  for (int hops = 0; hops < 40; ++hops) {
+    const fs::path resolved = fs::weakly_canonical(candidate, ec);
+    if (ec || !path_inside(root, resolved)) {
+      throw Error(ErrorCode::kShardEscapes,
+                  fmt::format("{}: {} resolves outside the model folder {} (a symlink out of the folder is refused, "
+                              "so no file from elsewhere is read or copied; replace the link by the file itself)",
+                              path.string(), what, root.string()));
+    }
+    const auto st = fs::symlink_status(resolved, ec);
+    if (ec || !fs::is_symlink(st)) return resolved;
+    const fs::path target = fs::read_symlink(resolved, ec);
+    if (ec) return resolved;
+    candidate = target.is_absolute() ? target : resolved.parent_path() / target;
+  }
+  throw Error(ErrorCode::kShardEscapes, fmt::format("{}: {} is a chain of more than 40 symlinks", path.string(), what));
+}
+
+std::string read_folder_file(const std::filesystem::path& folder, const std::filesystem::path& path,
+                             std::uint64_t max_bytes, ErrorCode too_large_code) {
+  (void)resolve_inside(folder, path, "the file");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error(ErrorCode::kIo, fmt::format("{}: cannot open: {}", path.string(), errno_text(err)));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorCode::kIo, fmt::format("{}: not a regular file (a FIFO, device or folder is refused, never "
+                                            "waited on or read)", path.string()));
+  }
+  if (static_cast<std::uint64_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    throw Error(too_large_code, fmt::format("{}: the file is {} bytes, over the limit of {} for a metadata file of a "
+                                            "model folder", path.string(), st.st_size, max_bytes));
+  }
+  std::string text(static_cast<std::size_t>(st.st_size) + 1, '\0');
+  std::size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::read(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw Error(ErrorCode::kIo, fmt::format("{}: cannot read: {}", path.string(), errno_text(err)));
+    }
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  if (done != static_cast<std::size_t>(st.st_size)) {
+    throw Error(ErrorCode::kIo, fmt::format("{}: changed size while being read", path.string()));
+  }
+  text.resize(done);
+  return text;
 }
 
 }  // namespace taskvec::format_detail

@@ -39,4 +39,20 @@ std::string errno_text(int err);
 /// a == b as files: equivalent() when both exist, else equal weakly_canonical paths. Never throws.
 bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) noexcept;
 
+/// True if `inner` is `folder` or lies below it, comparing path components (both already canonical).
+bool path_inside(const std::filesystem::path& folder, const std::filesystem::path& inner) noexcept;
+
+/// Reads a small file of a checkpoint folder (an index, config.json, ...) with one set of checks, all
+/// made before any byte is read: the path resolves (symlinks followed) inside `folder`, else
+/// Error{kShardEscapes}; it is opened O_NONBLOCK (a FIFO never blocks) and must be a regular file,
+/// else Error{kIo}; its size must be <= `max_bytes`, else Error{too_large_code}. Reads at most
+/// max_bytes + 1 bytes, so a file growing meanwhile is refused too.
+std::string read_folder_file(const std::filesystem::path& folder, const std::filesystem::path& path,
+                             std::uint64_t max_bytes, ErrorCode too_large_code);
+
+/// Checks that `path` resolves (symlink chains followed by hand, dangling ones too) inside `folder`;
+/// throws Error{kShardEscapes} naming `what` otherwise. Returns the resolved path.
+std::filesystem::path resolve_inside(const std::filesystem::path& folder, const std::filesystem::path& path,
+                                     const std::string& what);
+
 }  // namespace taskvec::format_detail

@@ -37,6 +37,7 @@ void add_inspect_command(CLI::App& app, const GlobalFlags& global, Action& actio
         for (const auto& [dtype, e] : by_dtype) j["dtypes"][dtype] = {{"parameters", e.first}, {"bytes", e.second}};
         j["metadata"] = ckpt.metadata();
         j["fingerprint"] = ckpt.fingerprint();
+        j["notes"] = ckpt.notes();
         if (!*summary_only) {
           auto tensors = nlohmann::ordered_json::array();
           for (const auto& name : ckpt.tensor_names()) {
@@ -56,13 +57,17 @@ void add_inspect_command(CLI::App& app, const GlobalFlags& global, Action& actio
       fmt::print("{}: {} tensors, {} parameters, {} bytes in {} shard(s)\n", *path, ckpt.tensor_names().size(),
                  ckpt.total_elements(), ckpt.total_bytes(), ckpt.shards().size());
       for (const auto& [dtype, e] : by_dtype) fmt::print("  {:<8} {:>14} parameters {:>16} bytes\n", dtype, e.first, e.second);
-      for (const auto& [k, v] : ckpt.metadata()) fmt::print("  metadata {} = {}\n", k, v.size() > 80 ? v.substr(0, 77) + "..." : v);
+      // Untrusted text: control bytes (ESC, NUL, ...) are escaped so they never reach the terminal.
+      for (const auto& [k, v] : ckpt.metadata()) {
+        fmt::print("  metadata {} = {}\n", escape_control(k), v.size() > 80 ? fmt::format("{}...", escape_control(v.substr(0, 77))) : escape_control(v));
+      }
+      for (const auto& note : ckpt.notes()) fmt::print(stderr, "taskvec: warning: {}\n", escape_control(note));
       fmt::print("  fingerprint {}\n", ckpt.fingerprint());
       if (!*summary_only) {
         fmt::print("\n  {:<56} {:<8} {:<22} {:>14}\n", "tensor", "dtype", "shape", "parameters");
         for (const auto& name : ckpt.tensor_names()) {
           const TensorInfo& info = *ckpt.at(name).info;
-          fmt::print("  {:<56} {:<8} {:<22} {:>14}\n", name, dtype_name(info.dtype), fmt::format("[{}]", fmt::join(info.shape, ", ")),
+          fmt::print("  {:<56} {:<8} {:<22} {:>14}\n", escape_control(name), dtype_name(info.dtype), fmt::format("[{}]", fmt::join(info.shape, ", ")),
                      info.num_elements());
         }
       }

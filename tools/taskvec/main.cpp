@@ -58,11 +58,11 @@ int main(int argc, char** argv) {
     return action ? action() : 2;
   } catch (const Error& e) {
     std::fflush(stdout);
-    fmt::print(stderr, "taskvec: error ({}): {}\n", error_code_name(e.code()), e.what());
+    fmt::print(stderr, "taskvec: error ({}): {}\n", error_code_name(e.code()), escape_control(e.what()));
     return exit_status(e.code());
   } catch (const std::exception& e) {
     std::fflush(stdout);
-    fmt::print(stderr, "taskvec: unexpected error: {}\n", e.what());
+    fmt::print(stderr, "taskvec: unexpected error: {}\n", escape_control(e.what()));
     return 1;
   }
 }
