@@ -15,6 +15,7 @@
 
 #include "base/simd_clones.hpp"
 #include "engine/internal.hpp"
+#include "engine/overflow.hpp"
 #include "engine/parallel.hpp"
 #include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
@@ -51,6 +52,7 @@ struct Job {
   bool resized = false;
   std::uint64_t base_elements = 0;             // elements the base has
   std::vector<std::uint64_t> input_elements;   // elements each input has (aligned with inputs)
+  std::atomic<std::uint64_t> clamped{0};       // --clamp-overflow: elements saturated to the dtype's range
 };
 
 struct Item {
@@ -259,6 +261,13 @@ class Engine {
         },
         report_progress);
     report_progress();
+    for (const auto& job : jobs_) {
+      if (job->clamped.load() == 0) continue;
+      report.warnings.push_back(fmt::format("tensor '{}': {} element(s) beyond the largest finite {} value {} were "
+                                            "clamped to it (--clamp-overflow)",
+                                            job->base->info->name, job->clamped.load(), dtype_name(job->out),
+                                            dtype_max_finite(job->out)));
+    }
     if (report.plan.is_folder && base_.folder()) {
       const detail::OutputAuxiliary aux = detail::output_auxiliary_files(base_, inputs_.untied_base);
       writer.commit(aux.copies, aux.generated);
@@ -444,6 +453,10 @@ class Engine {
                                                      bi.name, begin));
     }
     const std::uint64_t osize = dtype_bits(job.out) / 8;
+    if (osize < sizeof(T)) {
+      job.clamped += detail::check_overflow(job.out, acc.data(), n, begin, bi.name, file_of(*job.base),
+                                            options_.clamp_overflow);
+    }
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     encode<T>(job.out, acc.data(), buf.out.data(), n);
     writer.write(job.shard, job.index, begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
@@ -486,6 +499,9 @@ class Engine {
     const std::uint64_t osize = dtype_bits(job.out) / 8;
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     const T s = static_cast<T>(scale_);
+    // The output dtype is narrower than the accumulator: a finite result may not fit it (F16 > 65504).
+    const bool narrows = osize < sizeof(T);
+    std::uint64_t clamped = 0;
     bool finite = true;
     for (std::uint64_t b = 0; b < n; b += kBlockElements) {
       const std::uint64_t m = std::min(kBlockElements, n - b);
@@ -521,8 +537,13 @@ class Engine {
           finite &= all_finite(acc, m);
         }
       }
+      if (narrows) {
+        clamped += detail::check_overflow(job.out, acc, m, item.begin + b, bi.name, file_of(*job.base),
+                                          options_.clamp_overflow);
+      }
       encode<T>(job.out, acc, buf.out.data() + b * osize, m);
     }
+    if (clamped != 0) job.clamped += clamped;
     read += staged_bytes;
     if (!finite) report_nonfinite<T>(job, item, buf);
     writer.write(job.shard, job.index, item.begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
@@ -547,10 +568,16 @@ class Engine {
         }
       }
     }
-    throw Error(ErrorCode::kNonFinite,
-                fmt::format("tensor '{}': the result overflows to Inf in the output (coefficients too large?); "
-                            "use --allow-nonfinite to proceed",
-                            name));
+    // Every input is finite: the arithmetic itself overflowed (beyond +-3.4e38 in f32). Name the element.
+    decode<T>(job.out, buf.out.data(), tmp, item.count);
+    std::uint64_t at = 0;
+    while (at + 1 < item.count && std::isfinite(tmp[at])) ++at;
+    throw Error(ErrorCode::kOverflow,
+                fmt::format("tensor '{}' (from {}): element {} overflows the {} arithmetic (beyond +-{}) although "
+                            "every input is finite (coefficients too large?); use --dtype f64 to compute in f64, "
+                            "or --allow-nonfinite to write Inf",
+                            name, file_of(*job.base), item.begin + at, std::is_same_v<T, float> ? "f32" : "f64",
+                            std::is_same_v<T, float> ? dtype_max_finite(DType::kF32) : dtype_max_finite(DType::kF64)));
   }
 
   // The base is inputs_.inputs[0], the terms' checkpoints follow in order (copies that may carry an

@@ -29,6 +29,9 @@ void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear) {
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
   command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
+  command.add_flag("--clamp-overflow", flags.options.clamp_overflow,
+                   "Saturate results beyond the output dtype's range (e.g. F16 > 65504) to its largest finite value, "
+                   "with a warning counting them per tensor (default: error, exit 5)");
   if (!linear) return;  // the two flags below exist for diff / apply / edit only
   command.add_flag("--merge-extra-rows", flags.options.merge_extra_rows,
                    "Tensors whose first dimension differs (e.g. a vocabulary of 32007 vs 32000 rows): combine the "
