@@ -66,4 +66,22 @@ void decode_to_f64(DType dtype, const std::byte* src, double* dst, std::size_t n
 /// (round to nearest even; no double rounding through f32).
 void encode_from_f64(DType dtype, const double* src, std::byte* dst, std::size_t n);
 
+// ---- overflow of a narrowing encode (docs/NUMERICS.md, "Overflow") ----
+/// The largest finite value of an editable dtype: F16 65504, BF16 3.3895314e38, F32 3.4028235e38,
+/// F64 1.797...e308, F8_E4M3 448, F8_E5M2 57344. Throws Error{kUnsupported} for other dtypes.
+double dtype_max_finite(DType dtype);
+/// True when the finite `value` is beyond what `dtype` holds: encoding it would give Inf (F16, BF16,
+/// F32, F8_E5M2: |value| >= max + half an ulp) or, for F8_E4M3 (no Inf), a value the encoder saturates
+/// to 448 although it rounds past it (|value| > 464). NaN and +-Inf: false (they are not overflow).
+/// F64: always false. Non-editable dtypes: false.
+bool overflows_dtype(DType dtype, double value) noexcept;
+/// Index of the first element of src[0, n) that overflows_dtype(dtype, .), or n when there is none.
+/// Vectorized (an integer OR-reduction per block; no work per element beyond it on the clean path).
+std::size_t find_overflow(DType dtype, const float* src, std::size_t n) noexcept;
+std::size_t find_overflow(DType dtype, const double* src, std::size_t n) noexcept;
+/// Saturates every element of src[0, n) that overflows_dtype(dtype, .) to +-dtype_max_finite(dtype)
+/// (sign kept) in place; NaN/Inf are left alone. Returns how many elements were clamped.
+std::size_t clamp_overflow(DType dtype, float* src, std::size_t n) noexcept;
+std::size_t clamp_overflow(DType dtype, double* src, std::size_t n) noexcept;
+
 }  // namespace taskvec

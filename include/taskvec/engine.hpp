@@ -42,6 +42,10 @@ struct EditOptions {
   std::uint64_t memory_budget = 512ull << 20;  ///< bytes of decoded chunks and output buffers in flight
   CheckpointWriteOptions write;          ///< shard size, --force
   bool allow_nonfinite = false;          ///< proceed when an input holds NaN/Inf (else Error{kNonFinite})
+  /// A finite result beyond the output dtype's range (F16 > 65504, ...): false: Error{kOverflow} naming
+  /// the tensor and element; true: saturate it to +-the dtype's largest finite value, and report the
+  /// count of clamped elements per tensor in EditReport::warnings. Edits and merges.
+  bool clamp_overflow = false;
   bool force_base = false;               ///< apply task vectors made from another pretrained checkpoint
   bool dry_run = false;                  ///< plan only: no file is written
   bool untie_embeddings = false;         ///< see reconcile_tied_embeddings

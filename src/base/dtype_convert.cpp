@@ -12,6 +12,8 @@
 // Both assume the default floating-point environment (round to nearest, no flush-to-zero of results).
 #include <array>
 #include <bit>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <string>
 
@@ -423,5 +425,121 @@ void encode_from_f64(DType dtype, const double* src, std::byte* dst, std::size_t
       throw_unsupported("encode_from_f64", dtype);
   }
 }
+
+// ---- overflow ----
+// Rounding to nearest even overflows exactly from max + half an ulp on for the IEEE-like formats (the
+// largest mantissa is odd, so the tie goes up to Inf); F8_E4M3's largest mantissa (1.110) is even, so
+// 464 itself still rounds to 448 and only values beyond it overflow. Every threshold below is exact in f32.
+namespace {
+
+struct OverflowRule {
+  bool applies = false;  // false: the dtype holds every finite value of the source type (F64, or none)
+  double threshold = 0;  // |x| >= threshold (inclusive) or > threshold
+  bool inclusive = true;
+};
+
+OverflowRule overflow_rule(DType dtype) noexcept {
+  switch (dtype) {
+    case DType::kF16: return {true, 65520.0, true};
+    case DType::kBF16: return {true, std::ldexp(2.0 - std::ldexp(1.0, -8), 127), true};
+    case DType::kF32: return {true, std::ldexp(2.0 - std::ldexp(1.0, -24), 127), true};
+    case DType::kF8E5M2: return {true, 61440.0, true};
+    case DType::kF8E4M3: return {true, 464.0, false};
+    default: return {};
+  }
+}
+
+// Integer compare of |x|'s bits: for non-negative floats the bit order is the value order; Inf/NaN
+// (exponent all ones) are excluded. An OR over fixed blocks, so the inner loop vectorizes.
+constexpr std::size_t kScanBlock = 64;
+
+TASKVEC_SIMD_CLONES std::size_t find_at_least_f32(const float* __restrict v, std::size_t n, std::uint32_t low) noexcept {
+  std::size_t i = 0;
+  for (; i + kScanBlock <= n; i += kScanBlock) {
+    std::uint32_t hit = 0;
+    for (std::size_t j = 0; j < kScanBlock; ++j) {
+      const std::uint32_t a = std::bit_cast<std::uint32_t>(v[i + j]) & 0x7FFF'FFFFu;
+      hit |= static_cast<std::uint32_t>(a >= low) & static_cast<std::uint32_t>(a < 0x7F80'0000u);
+    }
+    if (hit != 0) break;
+  }
+  for (; i < n; ++i) {
+    const std::uint32_t a = std::bit_cast<std::uint32_t>(v[i]) & 0x7FFF'FFFFu;
+    if (a >= low && a < 0x7F80'0000u) return i;
+  }
+  return n;
+}
+
+std::size_t find_at_least_f64(const double* __restrict v, std::size_t n, std::uint64_t low) noexcept {
+  std::size_t i = 0;
+  for (; i + kScanBlock <= n; i += kScanBlock) {
+    std::uint64_t hit = 0;
+    for (std::size_t j = 0; j < kScanBlock; ++j) {
+      const std::uint64_t a = std::bit_cast<std::uint64_t>(v[i + j]) & 0x7FFF'FFFF'FFFF'FFFFull;
+      hit |= static_cast<std::uint64_t>(a >= low) & static_cast<std::uint64_t>(a < 0x7FF0'0000'0000'0000ull);
+    }
+    if (hit != 0) break;
+  }
+  for (; i < n; ++i) {
+    const std::uint64_t a = std::bit_cast<std::uint64_t>(v[i]) & 0x7FFF'FFFF'FFFF'FFFFull;
+    if (a >= low && a < 0x7FF0'0000'0000'0000ull) return i;
+  }
+  return n;
+}
+
+template <typename T>
+std::size_t clamp_impl(DType dtype, T* v, std::size_t n) noexcept {
+  const OverflowRule rule = overflow_rule(dtype);
+  if (!rule.applies) return 0;
+  const T max = static_cast<T>(dtype_max_finite(dtype));
+  std::size_t clamped = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (overflows_dtype(dtype, static_cast<double>(v[i]))) {
+      v[i] = std::signbit(v[i]) ? -max : max;
+      ++clamped;
+    }
+  }
+  return clamped;
+}
+
+}  // namespace
+
+double dtype_max_finite(DType dtype) {
+  switch (dtype) {
+    case DType::kF16: return 65504.0;
+    case DType::kBF16: return std::ldexp(2.0 - std::ldexp(1.0, -7), 127);
+    case DType::kF32: return static_cast<double>(std::numeric_limits<float>::max());
+    case DType::kF64: return std::numeric_limits<double>::max();
+    case DType::kF8E4M3: return 448.0;
+    case DType::kF8E5M2: return 57344.0;
+    default: throw_unsupported("dtype_max_finite", dtype);
+  }
+}
+
+bool overflows_dtype(DType dtype, double value) noexcept {
+  const OverflowRule rule = overflow_rule(dtype);
+  if (!rule.applies || !std::isfinite(value)) return false;
+  const double a = std::fabs(value);
+  return rule.inclusive ? a >= rule.threshold : a > rule.threshold;
+}
+
+std::size_t find_overflow(DType dtype, const float* src, std::size_t n) noexcept {
+  const OverflowRule rule = overflow_rule(dtype);
+  if (!rule.applies || dtype == DType::kF32 || n == 0) return n;  // an f32 is always an f32
+  auto low = std::bit_cast<std::uint32_t>(static_cast<float>(rule.threshold));
+  if (!rule.inclusive) ++low;  // the next f32 above the threshold
+  return find_at_least_f32(src, n, low);
+}
+
+std::size_t find_overflow(DType dtype, const double* src, std::size_t n) noexcept {
+  const OverflowRule rule = overflow_rule(dtype);
+  if (!rule.applies || n == 0) return n;
+  auto low = std::bit_cast<std::uint64_t>(rule.threshold);
+  if (!rule.inclusive) ++low;
+  return find_at_least_f64(src, n, low);
+}
+
+std::size_t clamp_overflow(DType dtype, float* src, std::size_t n) noexcept { return clamp_impl(dtype, src, n); }
+std::size_t clamp_overflow(DType dtype, double* src, std::size_t n) noexcept { return clamp_impl(dtype, src, n); }
 
 }  // namespace taskvec

@@ -15,6 +15,7 @@
 
 #include "base/simd_clones.hpp"
 #include "engine/internal.hpp"
+#include "engine/overflow.hpp"
 #include "engine/parallel.hpp"
 #include "taskvec/engine.hpp"
 #include "taskvec/error.hpp"
@@ -52,6 +53,7 @@ struct Job {
   bool resized = false;
   std::uint64_t base_elements = 0;             // elements the base has
   std::vector<std::uint64_t> input_elements;   // elements each input has (aligned with inputs)
+  std::atomic<std::uint64_t> clamped{0};       // --clamp-overflow: elements saturated to the dtype's range
 };
 
 struct Item {
@@ -121,6 +123,19 @@ bool any_nonzero(const T* __restrict v, std::uint64_t n) {
   U bits = 0;
   for (std::uint64_t i = 0; i < n; ++i) bits |= std::bit_cast<U>(v[i]);
   return (bits & ~(U{1} << (8 * sizeof(U) - 1))) != 0;
+}
+
+// The same OR-reduction over encoded F16 / BF16 bits: true when no element is Inf or NaN (exponent field
+// all ones: 0x7C00 for F16, 0x7F80 for BF16). Reads half the bytes of a check on the f32 accumulator.
+TASKVEC_SIMD_CLONES bool all_finite_u16(const std::byte* __restrict v, std::uint64_t n, std::uint32_t exp_mask,
+                                        std::uint32_t exp_low) {
+  std::uint32_t carry = 0;
+  for (std::uint64_t i = 0; i < n; ++i) {
+    std::uint16_t bits;
+    std::memcpy(&bits, v + 2 * i, sizeof bits);
+    carry |= (static_cast<std::uint32_t>(bits) & exp_mask) + exp_low;
+  }
+  return (carry & 0x8000u) == 0;
 }
 
 template <typename T>
@@ -274,6 +289,13 @@ class Engine {
         report_progress);
     report_progress();
     warn_zero_outputs(report);
+    for (const auto& job : jobs_) {
+      if (job->clamped.load() == 0) continue;
+      report.warnings.push_back(fmt::format("tensor '{}': {} element(s) beyond the largest finite {} value {} were "
+                                            "clamped to it (--clamp-overflow)",
+                                            job->base->info->name, job->clamped.load(), dtype_name(job->out),
+                                            dtype_max_finite(job->out)));
+    }
     if (report.plan.is_folder && base_.folder()) {
       const detail::OutputAuxiliary aux = detail::output_auxiliary_files(
           base_, inputs_.untied_base, detail::output_vocab(report.plan, inputs_.inputs));
@@ -475,6 +497,10 @@ class Engine {
     if (track_zero() && !job.nonzero.load(std::memory_order_relaxed) && any_nonzero(acc.data(), n))
       job.nonzero.store(true, std::memory_order_relaxed);
     const std::uint64_t osize = dtype_bits(job.out) / 8;
+    if (osize < sizeof(T)) {
+      job.clamped += detail::check_overflow(job.out, acc.data(), n, begin, bi.name, file_of(*job.base),
+                                            options_.clamp_overflow);
+    }
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     encode<T>(job.out, acc.data(), buf.out.data(), n);
     writer.write(job.shard, job.index, begin * osize, std::span<const std::byte>(buf.out.data(), n * osize));
@@ -517,6 +543,15 @@ class Engine {
     const std::uint64_t osize = dtype_bits(job.out) / 8;
     if (buf.out.size() < n * osize) buf.out.resize(n * osize);
     const T s = static_cast<T>(scale_);
+    // The output dtype is narrower than the accumulator: a finite result may not fit it (F16 > 65504).
+    const bool narrows = osize < sizeof(T);
+    // F16 / BF16 from f32 (the hot case): check the encoded block, which holds an Inf exactly where a
+    // finite result overflowed (or an input was non-finite: check_overflow then finds nothing).
+    const bool check_encoded = std::is_same_v<T, float> && std::endian::native == std::endian::little &&
+                               (job.out == DType::kF16 || job.out == DType::kBF16);
+    const std::uint32_t exp_mask = job.out == DType::kF16 ? 0x7C00u : 0x7F80u;
+    const std::uint32_t exp_low = job.out == DType::kF16 ? 0x0400u : 0x0080u;
+    std::uint64_t clamped = 0;
     bool finite = true;
     // Once a block of the job has a nonzero result, no later block checks (one cheap OR pass at most per chunk).
     bool nonzero = !track_zero() || job.nonzero.load(std::memory_order_relaxed);
@@ -555,8 +590,24 @@ class Engine {
         }
       }
       if (!nonzero) nonzero = any_nonzero(acc, m);
-      encode<T>(job.out, acc, buf.out.data() + b * osize, m);
+      std::byte* out = buf.out.data() + b * osize;
+      if (check_encoded) {
+        encode<T>(job.out, acc, out, m);
+        if (!all_finite_u16(out, m, exp_mask, exp_low)) {
+          const std::uint64_t c = detail::check_overflow(job.out, acc, m, item.begin + b, bi.name, file_of(*job.base),
+                                                         options_.clamp_overflow);
+          if (c != 0) encode<T>(job.out, acc, out, m);  // the clamped values
+          clamped += c;
+        }
+        continue;
+      }
+      if (narrows) {
+        clamped += detail::check_overflow(job.out, acc, m, item.begin + b, bi.name, file_of(*job.base),
+                                          options_.clamp_overflow);
+      }
+      encode<T>(job.out, acc, out, m);
     }
+    if (clamped != 0) job.clamped += clamped;
     if (nonzero && !job.nonzero.load(std::memory_order_relaxed)) job.nonzero.store(true, std::memory_order_relaxed);
     read += staged_bytes;
     if (!finite) report_nonfinite<T>(job, item, buf);
@@ -582,10 +633,16 @@ class Engine {
         }
       }
     }
-    throw Error(ErrorCode::kNonFinite,
-                fmt::format("tensor '{}': the result overflows to Inf in the output (coefficients too large?); "
-                            "use --allow-nonfinite to proceed",
-                            name));
+    // Every input is finite: the arithmetic itself overflowed (beyond +-3.4e38 in f32). Name the element.
+    decode<T>(job.out, buf.out.data(), tmp, item.count);
+    std::uint64_t at = 0;
+    while (at + 1 < item.count && std::isfinite(tmp[at])) ++at;
+    throw Error(ErrorCode::kOverflow,
+                fmt::format("tensor '{}' (from {}): element {} overflows the {} arithmetic (beyond +-{}) although "
+                            "every input is finite (coefficients too large?); use --dtype f64 to compute in f64, "
+                            "or --allow-nonfinite to write Inf",
+                            name, file_of(*job.base), item.begin + at, std::is_same_v<T, float> ? "f32" : "f64",
+                            std::is_same_v<T, float> ? dtype_max_finite(DType::kF32) : dtype_max_finite(DType::kF64)));
   }
 
   // The base is inputs_.inputs[0], the terms' checkpoints follow in order (copies that may carry an

@@ -13,6 +13,7 @@
 #include <fmt/ranges.h>
 
 #include "engine/internal.hpp"
+#include "engine/overflow.hpp"
 #include "engine/parallel.hpp"
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
@@ -366,6 +367,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   std::mutex dropped_mutex;
   std::vector<std::pair<std::size_t, std::string>> dropped;
 
+  std::vector<std::atomic<std::uint64_t>> clamped(jobs.size());  // --clamp-overflow, per job
   detail::parallel_for(
       items.size(), threads,
       [&](std::size_t k, unsigned) {
@@ -459,10 +461,12 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
             if (!ok)
               for (std::uint64_t i = 0; i < result.size(); ++i)
                 if (!std::isfinite(result[i]))
-                  throw Error(ErrorCode::kNonFinite,
-                              fmt::format("tensor '{}': the merged value of element {} is not finite (parameters too "
-                                          "large?); use --allow-nonfinite to proceed",
-                                          name, item.begin + i));
+                  // Every input was checked finite above: an Inf is the f32 arithmetic overflowing.
+                  throw Error(std::isinf(result[i]) ? ErrorCode::kOverflow : ErrorCode::kNonFinite,
+                              fmt::format("tensor '{}': the merged value of element {} is {} although every input is "
+                                          "finite (parameters too large?); use --allow-nonfinite to proceed",
+                                          name, item.begin + i, std::isinf(result[i]) ? "beyond +-3.4e38 (Inf in f32)"
+                                                                                      : "NaN"));
           }
         }
         if (job.kind == MergeJob::Kind::kMerge && !out_nonzero[item.job].load(std::memory_order_relaxed)) {
@@ -471,6 +475,12 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           if (nonzero) out_nonzero[item.job].store(true, std::memory_order_relaxed);
         }
         const std::uint64_t osize = dtype_bits(job.out) / 8;
+        if (osize < sizeof(float)) {
+          // Convert jobs too: an F32 weight of 70000 does not fit F16 either.
+          const std::uint64_t n = detail::check_overflow(job.out, result.data(), result.size(), item.begin, name,
+                                                         job.ref->shard->path().string(), options.clamp_overflow);
+          if (n != 0) clamped[item.job] += n;
+        }
         std::vector<std::byte> bytes(item.count * osize);
         encode_from_f32(job.out, result.data(), bytes.data(), result.size());
         writer.write(job.shard, job.index, item.begin * osize, bytes);
@@ -510,6 +520,13 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                        job.ref->info->name, job.base ? "base model's tensor" : "models' tensor"));
   }
   warn_capped(zero_lines, "whose every output element is zero");
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    if (clamped[j].load() == 0) continue;
+    report.warnings.push_back(fmt::format("tensor '{}': {} element(s) beyond the largest finite {} value {} were "
+                                          "clamped to it (--clamp-overflow)",
+                                          jobs[j].ref->info->name, clamped[j].load(), dtype_name(jobs[j].out),
+                                          dtype_max_finite(jobs[j].out)));
+  }
   if (report.plan.is_folder && ref.folder()) {
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());

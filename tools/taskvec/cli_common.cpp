@@ -29,6 +29,9 @@ void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear) {
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
   command.add_flag("--dry-run", flags.options.dry_run, "Print the plan (tensors, output files, sizes) and stop");
+  command.add_flag("--clamp-overflow", flags.options.clamp_overflow,
+                   "Saturate results beyond the output dtype's range (e.g. F16 > 65504) to its largest finite value, "
+                   "with a warning counting them per tensor (default: error, exit 5)");
   if (!linear) {  // merge only (issue 10, inputs): tensors the models have and the base lacks
     command.add_option("--keep-extra-tensors", flags.options.keep_extra_tensors_from,
                        "FROM: copy tensors that the models have but the base lacks (a new head) unchanged from this "
