@@ -82,6 +82,10 @@ struct EditReport {
   double seconds = 0;
   std::uint64_t peak_chunk_bytes = 0;     ///< largest bytes in flight reached (<= memory_budget)
   std::vector<std::string> warnings;      ///< e.g. "tensor 'pos_ids' (I64) differs in b.safetensors: copied from the base"
+  /// Files a folder output received besides its tensors (config.json, tokenizer files, remote-code
+  /// modules, ...; copied from the inputs or written by taskvec), by file name, sorted. Empty for a
+  /// single-file output and for a dry run.
+  std::vector<std::string> auxiliary_files;
 };
 
 /// The general kernel: out = base_scale * base + sum(terms). All inputs must have the base's tensor

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <optional>
 #include <regex>
 #include <string>
@@ -63,6 +64,13 @@ struct OutputAuxiliary {
   std::vector<std::filesystem::path> copies;
   std::map<std::string, std::string> generated;
   std::vector<std::string> warnings;
+  /// The file names the output folder receives from `copies` and `generated`, sorted, each once.
+  std::vector<std::string> file_names() const {
+    std::set<std::string> names;
+    for (const auto& c : copies) names.insert(c.filename().string());
+    for (const auto& [name, content] : generated) names.insert(name);
+    return {names.begin(), names.end()};
+  }
 };
 
 /// The vocabulary of an output whose embedding has more rows than the base's (--merge-extra-rows):

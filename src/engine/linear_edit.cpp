@@ -301,6 +301,7 @@ class Engine {
           base_, inputs_.untied_base, detail::output_vocab(report.plan, inputs_.inputs));
       report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
       writer.commit(aux.copies, aux.generated);
+      report.auxiliary_files = aux.file_names();
     } else {
       writer.commit();
     }

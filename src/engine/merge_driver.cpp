@@ -531,6 +531,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
     writer.commit(aux.copies, aux.generated);
+    report.auxiliary_files = aux.file_names();
   } else {
     writer.commit();
   }

@@ -1,6 +1,7 @@
 // Issue 10, files read and written, through the taskvec binary: an input folder is never an output
 // (whatever the flags), files that leave a model folder are refused, stray shards are reported.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -136,6 +137,19 @@ TEST_F(TrustFiles, RemoteCodeAndProcessorFilesAreCopied) {
   EXPECT_TRUE(fs::exists(dir / "out" / "added_tokens.json"));
   EXPECT_FALSE(fs::exists(dir / "out" / "unrelated.py"));
   EXPECT_NE(r.err.find("another repository"), std::string::npos) << r.err;
+}
+
+TEST_F(TrustFiles, CopiedFilesAreNamedInTheSummaryAndJson) {
+  test::write_file(dir / "base" / "config.json", R"({"auto_map":{"AutoModel":"modeling_foo.FooModel"}})");
+  test::write_file(dir / "base" / "modeling_foo.py", "# code\n");
+  test::write_file(dir / "base" / "added_tokens.json", "{}");
+  Result r = run("edit -m pre=" + p("base") + " -m a=" + p("ft") + " 'pre+tau(a)' -o " + p("out"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("  with added_tokens.json, config.json, modeling_foo.py\n"), std::string::npos) << r.out;
+  Result j = run("--json edit -m pre=" + p("base") + " -m a=" + p("ft") + " 'pre+tau(a)' -o " + p("out2"), dir);
+  ASSERT_EQ(j.status, 0) << j.err;
+  const auto doc = nlohmann::json::parse(j.out);
+  EXPECT_EQ(doc.at("auxiliary_files"), nlohmann::json::array({"added_tokens.json", "config.json", "modeling_foo.py"}));
 }
 
 TEST_F(TrustFiles, StrayShardBesideAnIndexIsReported) {

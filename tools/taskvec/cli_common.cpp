@@ -128,6 +128,7 @@ void print_edit_report(const EditReport& report, const GlobalFlags& global, bool
     j["seconds"] = report.seconds;
     j["peak_chunk_bytes"] = report.peak_chunk_bytes;
     j["warnings"] = report.warnings;
+    j["auxiliary_files"] = report.auxiliary_files;
     auto files = nlohmann::ordered_json::array();
     for (const auto& shard : report.plan.shards) {
       nlohmann::ordered_json f;
@@ -167,6 +168,7 @@ void print_edit_report(const EditReport& report, const GlobalFlags& global, bool
              report.plan.output.string(), report.plan.shards.size(), report.tensors_edited + report.tensors_copied,
              report.tensors_edited, report.tensors_copied, human_bytes(double(report.bytes_written)), report.seconds,
              human_bytes(rate));
+  if (!report.auxiliary_files.empty()) fmt::print("  with {}\n", fmt::join(report.auxiliary_files, ", "));
 }
 
 }  // namespace taskvec::cli
