@@ -269,32 +269,69 @@ DType parse_dtype_key(const Ctx& ctx, const YAML::Node& node, const std::string&
   return *d;
 }
 
-// yaml-cpp keeps every pair of a mapping when iterating, but node["key"] finds only the first: a key
-// given twice would silently keep one of the values. One rule for every mapping of the recipe (top
-// level, models entries, parameters, filter entries, anything nested): a key given twice is refused.
-void check_duplicate_keys(const Ctx& ctx, const YAML::Node& node, const std::string& where) {
-  if (node.IsSequence()) {
-    for (std::size_t i = 0; i < node.size(); ++i) check_duplicate_keys(ctx, node[i], fmt::format("{}[{}]", where, i));
-    return;
+// Limits on the YAML tree a recipe may expand to. Aliases (*name) share the anchored node, so a short
+// file can expand to billions of nodes ("billion laughs") or, with an alias inside its own anchor, to a
+// cycle that recursion never leaves. Real recipes have a few thousand nodes and a nesting depth under ten.
+constexpr std::size_t kMaxRecipeNodes = 100000;
+constexpr std::size_t kMaxRecipeDepth = 64;
+
+struct TreeWalk {
+  const Ctx& ctx;
+  std::vector<YAML::Node> ancestors;  // the collections enclosing the node being checked
+  std::size_t nodes = 0;
+};
+
+// One walk over the whole tree, before anything reads it:
+// - a collection that contains itself through an alias, a tree nested deeper than kMaxRecipeDepth, or
+//   one that expands (aliases followed) to more than kMaxRecipeNodes nodes is refused;
+// - yaml-cpp keeps every pair of a mapping when iterating, but node["key"] finds only the first: a key
+//   given twice would silently keep one of the values. One rule for every mapping of the recipe (top
+//   level, models entries, parameters, filter entries, anything nested): a key given twice is refused.
+// `used_at` is the 1-based line where the node is used (its key's line; an alias shares the anchored
+// node, whose own mark is the anchor's).
+void check_tree(TreeWalk& w, const YAML::Node& node, const std::string& where, int used_at) {
+  const auto line_of = [](const YAML::Node& n) { return n.Mark().line >= 0 ? n.Mark().line + 1 : 0; };
+  if (++w.nodes > kMaxRecipeNodes)
+    throw Error(ErrorCode::kRecipe,
+                fmt::format("{}:{}: the recipe expands to more than {} YAML nodes (aliases '*name' are expanded "
+                            "where they are used); a recipe this large is refused",
+                            w.ctx.file, used_at, kMaxRecipeNodes));
+  if (!node.IsSequence() && !node.IsMap()) return;
+  for (const YAML::Node& a : w.ancestors) {
+    if (a.is(node))
+      throw Error(ErrorCode::kRecipe,
+                  fmt::format("{}:{}: '{}': an alias refers to a collection that contains it (anchored on line {}): "
+                              "the recipe would be infinitely deep",
+                              w.ctx.file, used_at, where.empty() ? "(top level)" : where, line_of(a)));
   }
-  if (!node.IsMap()) return;
-  std::map<std::string, int> seen;  // key -> 1-based line of its first occurrence
-  for (const auto& kv : node) {
-    if (kv.first.IsScalar()) {
-      const std::string k = kv.first.Scalar();
-      const std::string key = where.empty() ? k : where + "." + k;
-      const int line = kv.first.Mark().line + 1;
-      const auto [it, fresh] = seen.emplace(k, line);
-      if (!fresh) {
-        throw Error(ErrorCode::kRecipe,
-                    fmt::format("{}:{}: '{}': given twice (lines {} and {}); keep one of them", ctx.file, line, key,
-                                it->second, line));
+  if (w.ancestors.size() >= kMaxRecipeDepth)
+    throw Error(ErrorCode::kRecipe, fmt::format("{}:{}: '{}': nested more than {} levels deep", w.ctx.file,
+                                                used_at, where, kMaxRecipeDepth));
+  w.ancestors.push_back(node);
+  if (node.IsSequence()) {
+    std::size_t i = 0;
+    for (const auto& item : node) check_tree(w, item, fmt::format("{}[{}]", where, i++), used_at);
+  } else {
+    std::map<std::string, int> seen;  // key -> 1-based line of its first occurrence
+    for (const auto& kv : node) {
+      if (kv.first.IsScalar()) {
+        const std::string k = kv.first.Scalar();
+        const std::string key = where.empty() ? k : where + "." + k;
+        const int line = kv.first.Mark().line + 1;
+        const auto [it, fresh] = seen.emplace(k, line);
+        if (!fresh) {
+          throw Error(ErrorCode::kRecipe,
+                      fmt::format("{}:{}: '{}': given twice (lines {} and {}); keep one of them", w.ctx.file, line,
+                                  key, it->second, line));
+        }
+        check_tree(w, kv.second, key, line);
+      } else {
+        check_tree(w, kv.first, where, used_at);
+        check_tree(w, kv.second, where, used_at);
       }
-      check_duplicate_keys(ctx, kv.second, key);
-    } else {
-      check_duplicate_keys(ctx, kv.second, where);
     }
   }
+  w.ancestors.pop_back();
 }
 
 bool all_scalar(const std::map<std::string, RecipeValue>& params) {
@@ -420,7 +457,8 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     throw Error(ErrorCode::kRecipe, ctx.file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
   }
   if (!root.IsMap()) throw Error(ErrorCode::kRecipe, ctx.file + ": a recipe is a YAML mapping (merge_method, models, ...)");
-  check_duplicate_keys(ctx, root, "");
+  TreeWalk walk{ctx, {}, 0};
+  check_tree(walk, root, "", 1);
   const std::filesystem::path folder = file == "<string>" ? std::filesystem::path() : file.parent_path();
 
   Recipe r;

@@ -3,16 +3,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <sys/stat.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
 #include "support/builders.hpp"
 #include "support/model_files.hpp"
+#include "cli/cli_run.hpp"
 #include "support/temp_dir.hpp"
 
 namespace taskvec {
@@ -22,25 +20,8 @@ namespace fs = std::filesystem;
 using test::TempDir;
 using test::write_model;
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
-
-Result run(const std::string& args, const TempDir& dir) {
-  auto err_path = dir / "stderr.txt";
-  std::string command = std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  std::array<char, 4096> buf;
-  std::size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
-  int raw = pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  std::ifstream in(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return r;
-}
+using test::Result;
+using test::run;
 
 class TrustFiles : public ::testing::Test {
  protected:

@@ -2,14 +2,12 @@
 // quantized checkpoints refused before any output exists, full models passed as task vectors, task
 // vectors passed as models, merges of models with a head the base lacks, similarity of raw weights.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "support/model_files.hpp"
+#include "cli/cli_run.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
 
@@ -21,25 +19,8 @@ using test::read_values;
 using test::TempDir;
 using test::write_model;
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
-
-Result run(const std::string& args, const TempDir& dir) {
-  auto err_path = dir / "stderr.txt";
-  std::string command = std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  std::array<char, 4096> buf;
-  std::size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
-  int raw = pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  std::ifstream in(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return r;
-}
+using test::Result;
+using test::run;
 
 bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

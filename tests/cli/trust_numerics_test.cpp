@@ -1,13 +1,11 @@
 // Issue 10, item 1, end to end: an F16 edit whose result does not fit F16 exits 5 naming the tensor,
 // the element and --clamp-overflow; with --clamp-overflow it exits 0, writes 65504 and warns.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <fstream>
 
 #include "support/model_files.hpp"
+#include "cli/cli_run.hpp"
 #include "support/temp_dir.hpp"
 
 namespace taskvec {
@@ -18,25 +16,8 @@ using test::read_values;
 using test::TempDir;
 using test::write_model;
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
-
-Result run(const std::string& args, const TempDir& dir) {
-  auto err_path = dir / "stderr.txt";
-  std::string command = std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  std::array<char, 4096> buf;
-  std::size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
-  int raw = pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  std::ifstream in(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return r;
-}
+using test::Result;
+using test::run;
 
 class TrustNumericsCli : public ::testing::Test {
  protected:

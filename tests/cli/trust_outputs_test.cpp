@@ -3,10 +3,7 @@
 // tie flags at every level, merge --untie-embeddings, every flag an error suggests exists on its
 // command, a resized vocabulary gets the tokenizer and vocab_size of its rows, and differing configs warn.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -14,6 +11,7 @@
 #include <vector>
 
 #include "support/model_files.hpp"
+#include "cli/cli_run.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
 
@@ -26,26 +24,8 @@ using test::read_values;
 using test::TempDir;
 using test::write_model;
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
-
-// Runs `prefix taskvec args` through /bin/sh (prefix: environment or ulimit settings).
-Result run(const std::string& args, const TempDir& dir, const std::string& prefix = "") {
-  auto err_path = dir / "stderr.txt";
-  std::string command = prefix + std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  std::array<char, 4096> buf;
-  std::size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
-  int raw = pclose(pipe);
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  std::ifstream in(err_path);
-  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return r;
-}
+using test::Result;
+using test::run;
 
 std::string read_text(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);

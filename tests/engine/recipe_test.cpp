@@ -301,5 +301,50 @@ TEST(Recipe, FiltersThatBacktrackWithoutBoundAreRefused) {
   }
 }
 
+
+// Aliases share the anchored node: one inside its own anchor makes a cycle (recursion used to overflow
+// the stack), and a few lines of nested aliases expand to billions of nodes (the fuzzer timed out on
+// one). Both are refused when the recipe is read; an ordinary alias (a shared parameters block) works.
+TEST(Recipe, AliasCyclesAndExpansionBombsAreRefused) {
+  const std::string cycle = "merge_method: linear\nmodels: &m\n  - model: a\n    parameters: {weight: *m}\n";
+  EXPECT_EQ(code_of(cycle), ErrorCode::kRecipe);
+  EXPECT_NE(message_of(cycle).find("r.yaml:4: 'models[0].parameters.weight': an alias refers to a collection that "
+                                   "contains it (anchored on line 2)"),
+            std::string::npos)
+      << message_of(cycle);
+
+  std::string bomb = "merge_method: linear\nmodels: [a]\nparameters:\n  x0: &a0 [1,1,1,1,1,1,1,1,1,1]\n";
+  for (int level = 1; level <= 8; ++level) {  // 10^9 nodes once expanded
+    bomb += "  x" + std::to_string(level) + ": &a" + std::to_string(level) + " [";
+    for (int i = 0; i < 10; ++i) bomb += (i ? ",*a" : "*a") + std::to_string(level - 1);
+    bomb += "]\n";
+  }
+  EXPECT_EQ(code_of(bomb), ErrorCode::kRecipe);
+  EXPECT_NE(message_of(bomb).find("expands to more than 100000 YAML nodes"), std::string::npos) << message_of(bomb);
+
+  std::string deep = "merge_method: linear\nmodels: [a]\nparameters: {x: ";
+  for (int i = 0; i < 70; ++i) deep += "[";
+  for (int i = 0; i < 70; ++i) deep += "]";
+  deep += "}\n";
+  EXPECT_NE(message_of(deep).find("nested more than 64 levels deep"), std::string::npos) << message_of(deep);
+
+  const Recipe shared = parse_recipe(R"(
+merge_method: ties
+base_model: b
+models:
+  - model: x
+    parameters: &p {weight: 0.25, density: 0.5}
+  - model: y
+    parameters: *p
+)", "r.yaml");
+  ASSERT_EQ(shared.models.size(), 2u);
+  std::vector<MergeModelParams> per_model;
+  MergeGlobalParams global;
+  shared.resolve("w", 1, per_model, global);
+  ASSERT_EQ(per_model.size(), 2u);
+  EXPECT_DOUBLE_EQ(per_model[1].weight, 0.25);
+  EXPECT_DOUBLE_EQ(per_model[1].density, 0.5);
+}
+
 }  // namespace
 }  // namespace taskvec
