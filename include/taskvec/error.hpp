@@ -38,6 +38,11 @@ enum class ErrorCode : int {
   kInvalidIndex,         ///< the index file is malformed or disagrees with the shard headers
   kShardMissing,         ///< a shard named by the index does not exist
   kShardEscapes,         ///< a shard path leaves the checkpoint folder (.., absolute, symlink out)
+  // Other formats (docs/FORMATS.md).
+  kInvalidArchive,       ///< a zip archive (PyTorch checkpoint) is malformed, truncated, compressed or escapes with '..'
+  kInvalidPickle,        ///< a pickle stream is malformed, truncated, or not a state dict
+  kUnsafePickle,         ///< a pickle calls a global or uses an opcode outside torch's state-dict allow-list (never executed)
+  kInvalidAdapter,       ///< a PEFT adapter's config or weights are malformed, or a variant taskvec does not implement
   // Inputs that do not fit together.
   kTensorMissing,        ///< a tensor of one input is missing from another
   kShapeMismatch,        ///< the same tensor has different shapes in two inputs

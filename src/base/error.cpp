@@ -28,6 +28,10 @@ std::string_view error_code_name(ErrorCode code) noexcept {
     case ErrorCode::kInvalidIndex: return "invalid_index";
     case ErrorCode::kShardMissing: return "shard_missing";
     case ErrorCode::kShardEscapes: return "shard_escapes";
+    case ErrorCode::kInvalidArchive: return "invalid_archive";
+    case ErrorCode::kInvalidPickle: return "invalid_pickle";
+    case ErrorCode::kUnsafePickle: return "unsafe_pickle";
+    case ErrorCode::kInvalidAdapter: return "invalid_adapter";
     case ErrorCode::kTensorMissing: return "tensor_missing";
     case ErrorCode::kShapeMismatch: return "shape_mismatch";
     case ErrorCode::kDtypeMismatch: return "dtype_mismatch";
@@ -69,6 +73,10 @@ int exit_status(ErrorCode code) noexcept {
     case ErrorCode::kInvalidIndex:
     case ErrorCode::kShardMissing:
     case ErrorCode::kShardEscapes:
+    case ErrorCode::kInvalidArchive:
+    case ErrorCode::kInvalidPickle:
+    case ErrorCode::kUnsafePickle:
+    case ErrorCode::kInvalidAdapter:
       return 4;
     case ErrorCode::kTensorMissing:
     case ErrorCode::kShapeMismatch:

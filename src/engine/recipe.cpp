@@ -1,6 +1,7 @@
 // YAML merge recipes (in the spirit of mergekit's): parsing, validation against the method registry,
 // and per-tensor resolution of scalar / layer-interpolated / filtered parameters. docs/METHODS.md.
 #include <fmt/format.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -15,6 +17,7 @@
 
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
+#include "taskvec/safetensors.hpp"  // escape_control
 
 namespace taskvec {
 
@@ -439,20 +442,60 @@ Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& f
 }
 
 namespace {
+// The start marks of the first `limit` documents of `text`, read with a parser that builds nothing.
+// yaml-cpp reports a token it cannot start a document with (a stray ',' at the top level) as an empty
+// document that consumes nothing: a second start at the same position is `stuck_at`.
+struct DocumentStarts {
+  std::vector<YAML::Mark> marks;
+  std::optional<YAML::Mark> stuck_at;
+};
+
+DocumentStarts count_documents(const std::string& text, std::size_t limit) {
+  struct Starts final : YAML::EventHandler {
+    std::vector<YAML::Mark> marks;
+    void OnDocumentStart(const YAML::Mark& mark) override { marks.push_back(mark); }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+    void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+  } handler;
+  std::istringstream in(text);
+  YAML::Parser parser(in);
+  DocumentStarts out;
+  while (handler.marks.size() < limit && parser.HandleNextDocument(handler)) {
+    const auto& m = handler.marks;
+    if (m.size() >= 2 && m[m.size() - 1].pos == m[m.size() - 2].pos) {
+      out.stuck_at = m.back();
+      break;
+    }
+  }
+  out.marks = std::move(handler.marks);
+  return out;
+}
+
 Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
   Ctx ctx{file.string()};
   YAML::Node root;
   try {
-    // LoadAll, not Load: Load reads the first document only and would silently drop the others.
-    const std::vector<YAML::Node> docs = YAML::LoadAll(yaml_text);
-    if (docs.size() > 1) {
-      const int line = docs[1].IsDefined() && docs[1].Mark().line >= 0 ? docs[1].Mark().line + 1 : 0;
-      throw Error(ErrorCode::kRecipe,
-                  fmt::format("{}: the file holds {} YAML documents (separated by '---'; the second starts near line {}): "
-                              "multi-document recipes are not supported yet; put one recipe per file",
-                              ctx.file, docs.size(), line));
+    // Load reads the first document only and would silently drop the others, so the documents are
+    // counted first. Not with LoadAll: on a stray ',' or ']' yaml-cpp 0.7 returns the same empty
+    // document for ever without consuming the token, and LoadAll never ends.
+    const DocumentStarts starts = count_documents(yaml_text, 3);  // a third start tells a stuck second one
+    if (starts.stuck_at) {
+      throw Error(ErrorCode::kRecipe, fmt::format("{}:{}: invalid YAML: unexpected '{}'", ctx.file, starts.stuck_at->line + 1,
+                                                  escape_control(yaml_text.substr(std::min<std::size_t>(starts.stuck_at->pos, yaml_text.size()), 1))));
     }
-    if (!docs.empty()) root = docs.front();
+    if (starts.marks.size() > 1) {
+      throw Error(ErrorCode::kRecipe,
+                  fmt::format("{}: the file holds more than one YAML document (separated by '---'; the second starts "
+                              "near line {}): multi-document recipes are not supported yet; put one recipe per file",
+                              ctx.file, starts.marks[1].line + 1));
+    }
+    root = YAML::Load(yaml_text);
   } catch (const YAML::ParserException& e) {
     throw Error(ErrorCode::kRecipe, ctx.file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
   }

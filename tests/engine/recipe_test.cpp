@@ -346,5 +346,15 @@ models:
   EXPECT_DOUBLE_EQ(per_model[1].density, 0.5);
 }
 
+
+// A stray ',' or ']' where a document starts: yaml-cpp's LoadAll returned the same empty document for
+// ever on these (the fuzzer's ",52" timed out). They are invalid YAML, refused at once.
+TEST(Recipe, StrayFlowTokensAreInvalidYaml) {
+  EXPECT_NE(message_of(",52").find("r.yaml:1: invalid YAML: unexpected ','"), std::string::npos) << message_of(",52");
+  EXPECT_NE(message_of("[1, 2]\n,\n").find("r.yaml:2: invalid YAML: unexpected ','"), std::string::npos)
+      << message_of("[1, 2]\n,\n");
+  EXPECT_EQ(code_of("merge_method: linear\nmodels: [a]\n]\n"), ErrorCode::kRecipe);
+}
+
 }  // namespace
 }  // namespace taskvec

@@ -77,7 +77,7 @@ TEST(TrustRecipe, MultiDocumentRecipeIsRefused) {
   const Outcome o = parse("merge_method: linear\nmodels: [a, b]\n---\nmerge_method: ties\nbase_model: x\nmodels: [a]\n");
   EXPECT_EQ(o.code, ErrorCode::kRecipe);
   EXPECT_NE(o.message.find("multi-document recipes are not supported yet"), std::string::npos) << o.message;
-  EXPECT_NE(o.message.find("holds 2 YAML documents"), std::string::npos) << o.message;
+  EXPECT_NE(o.message.find("holds more than one YAML document"), std::string::npos) << o.message;
 }
 
 TEST(TrustRecipe, SingleDocumentWithStartMarkerIsFine) {
