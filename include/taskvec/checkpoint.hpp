@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "taskvec/safetensors.hpp"
+#include "taskvec/tensor_source.hpp"
 
 namespace taskvec {
 
@@ -25,17 +26,24 @@ inline constexpr const char* kIndexFileName = "model.safetensors.index.json";
 /// tokenizer.json of big vocabularies is 10-20 MB; checked before anything is read.
 inline constexpr std::uint64_t kMaxFolderFileSize = 100'000'000;
 
-/// A tensor of a checkpoint: its header entry and the shard that holds it.
+/// A tensor of a checkpoint: its entry (name, dtype, shape) and the source of its bytes, whatever the
+/// format (a safetensors shard, a PyTorch archive, a computed LoRA product).
 struct CheckpointTensor {
   const TensorInfo* info = nullptr;
-  const SafetensorsFile* shard = nullptr;
-  std::span<const std::byte> bytes() const noexcept { return shard->tensor_bytes(*info); }
-  /// Copies the tensor's bytes [byte_offset, byte_offset + dst.size()) into `dst` with pread(2): no
-  /// page of the input is mapped into the process (the page cache holds it), which is how the engine
-  /// streams (docs/ARCHITECTURE.md). Thread-safe. Throws Error{kInvalidArgument} when the range is not
-  /// inside the tensor, Error{kIo} naming the file when the read fails.
+  const TensorSource* source = nullptr;
+  /// The input file the bytes come from (for messages).
+  const std::filesystem::path& file() const noexcept { return source->path(); }
+  /// Copies the tensor's bytes [byte_offset, byte_offset + dst.size()) of its canonical encoding
+  /// (row-major, little-endian, info->dtype) into `dst` with pread(2): no page of the input is mapped
+  /// into the process (the page cache holds it), which is how the engine streams
+  /// (docs/ARCHITECTURE.md). Thread-safe. Throws Error{kInvalidArgument} when the range is not inside
+  /// the tensor, Error{kIo} naming the file when the read fails.
   void read(std::uint64_t byte_offset, std::span<std::byte> dst) const;
 };
+
+namespace format_detail {
+struct TensorFile;  // one opened tensor file of any format (src/format/internal.hpp)
+}  // namespace format_detail
 
 /// A read-only, validated checkpoint. Opening maps the shards and validates every header and the
 /// index; no tensor data is read. Cheap to move; the tensors' bytes live as long as the Checkpoint.
@@ -52,16 +60,20 @@ class Checkpoint {
   const std::filesystem::path& path() const noexcept { return path_; }
   /// The folder of a folder/index checkpoint; nullopt for a single-file checkpoint.
   const std::optional<std::filesystem::path>& folder() const noexcept { return folder_; }
-  /// The shards, sorted by shard file name (one for a single file).
-  const std::vector<std::shared_ptr<const SafetensorsFile>>& shards() const noexcept { return shards_; }
+  /// Every input file the tensors are read from, sorted (the shards of a sharded folder; one path
+  /// for a single file). Outputs are never written over or inside these.
+  const std::vector<std::filesystem::path>& files() const noexcept { return files_; }
+  /// The format detected from the bytes: "safetensors", "pytorch", "lora" (see docs/FORMATS.md).
+  const std::string& format() const noexcept { return format_; }
   /// All tensor names, sorted.
   const std::vector<std::string>& tensor_names() const noexcept { return names_; }
   /// The tensor named `name`, or nullptr.
   const CheckpointTensor* find(std::string_view name) const noexcept;
   /// The tensor named `name`; throws Error{kTensorMissing} naming this checkpoint and the tensor.
   const CheckpointTensor& at(std::string_view name) const;
-  /// __metadata__ of the first shard (transformers writes the same on every shard).
-  const std::map<std::string, std::string>& metadata() const noexcept;
+  /// __metadata__ of the first safetensors shard (transformers writes the same on every shard); empty
+  /// for other formats.
+  const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
   /// The index file's "metadata" object as strings (empty for a single file).
   const std::map<std::string, std::string>& index_metadata() const noexcept { return index_metadata_; }
   /// Sum of all tensors' data bytes.
@@ -94,10 +106,15 @@ class Checkpoint {
   std::optional<bool> tied_word_embeddings() const;
 
  private:
+  void add_file(format_detail::TensorFile&& file, const std::string& label);
+
   std::filesystem::path path_;
   std::shared_ptr<std::vector<std::unique_ptr<TensorInfo>>> aliases_;  // entries of alias names
   std::optional<std::filesystem::path> folder_;
-  std::vector<std::shared_ptr<const SafetensorsFile>> shards_;
+  std::string format_;
+  std::vector<std::shared_ptr<const TensorSource>> sources_;  // owners of the tensors' sources
+  std::vector<std::filesystem::path> files_;
+  std::map<std::string, std::string> metadata_;
   std::vector<std::string> names_;
   std::map<std::string, CheckpointTensor, std::less<>> tensors_;
   std::map<std::string, std::string> index_metadata_;

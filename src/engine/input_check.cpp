@@ -31,7 +31,7 @@ bool is_f8(DType d) {
   return d == DType::kF8E4M3 || d == DType::kF8E5M2 || d == DType::kF8E4M3FNUZ || d == DType::kF8E5M2FNUZ;
 }
 
-std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
+std::string file_of(const CheckpointTensor& t) { return t.file().string(); }
 
 struct Finding {
   std::string method;   // "bitsandbytes 4-bit", ...

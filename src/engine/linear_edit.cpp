@@ -32,7 +32,7 @@ constexpr std::uint64_t kBlockElements = 2048;
 constexpr std::uint64_t kCopyItemBytes = std::uint64_t{8} << 20;
 constexpr std::uint64_t kLaneBytes = 3 * kBlockElements * sizeof(double);  // Lanes<float> + Lanes<double>, at most
 
-std::string file_of(const CheckpointTensor& t) { return t.shard->path().string(); }
+std::string file_of(const CheckpointTensor& t) { return t.file().string(); }
 
 enum class DtypePolicy { kBase, kTaskVector };
 
@@ -240,10 +240,8 @@ class Engine {
     }
 
     std::vector<std::filesystem::path> inputs;
-    for (const auto& shard : base_.shards()) inputs.push_back(shard->path());
-    for (const auto& term : terms_) {
-      for (const auto& shard : term.input->shards()) inputs.push_back(shard->path());
-    }
+    inputs.insert(inputs.end(), base_.files().begin(), base_.files().end());
+    for (const auto& term : terms_) inputs.insert(inputs.end(), term.input->files().begin(), term.input->files().end());
     for (const auto& c : inputs_.inputs) if (c.folder()) inputs.push_back(*c.folder());  // protects input folders
     CheckpointWriter writer(report.plan, options_.write, inputs);
 

@@ -333,10 +333,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   }
 
   std::vector<std::filesystem::path> inputs;
-  if (base)
-    for (const auto& s : base->shards()) inputs.push_back(s->path());
-  for (const auto& m : models)
-    for (const auto& s : m.shards()) inputs.push_back(s->path());
+  if (base) inputs.insert(inputs.end(), base->files().begin(), base->files().end());
+  for (const auto& m : models) inputs.insert(inputs.end(), m.files().begin(), m.files().end());
   if (base && base->folder()) inputs.push_back(*base->folder());  // protects input folders
   for (const auto& m : models) if (m.folder()) inputs.push_back(*m.folder());
   CheckpointWriter writer(report.plan, options.write, inputs);
@@ -401,13 +399,13 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           if (job.base) {
             base_values = decode_range(*job.base, item.begin, item.count);
             bytes_read += item.count * (dtype_bits(job.base->info->dtype) / 8);
-            if (!options.allow_nonfinite) check_finite(base_values, name, job.base->shard->path().string(), item.begin);
+            if (!options.allow_nonfinite) check_finite(base_values, name, job.base->file().string(), item.begin);
           }
           std::vector<std::vector<float>> model_values;
           for (const auto* t : job.models) {
             model_values.push_back(decode_range(*t, item.begin, item.count));
             bytes_read += item.count * (dtype_bits(t->info->dtype) / 8);
-            if (!options.allow_nonfinite) check_finite(model_values.back(), name, t->shard->path().string(), item.begin);
+            if (!options.allow_nonfinite) check_finite(model_values.back(), name, t->file().string(), item.begin);
           }
           std::vector<std::span<const float>> spans(model_values.begin(), model_values.end());
           const std::vector<std::uint64_t> chunk_shape{item.count};
@@ -478,7 +476,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
         if (osize < sizeof(float)) {
           // Convert jobs too: an F32 weight of 70000 does not fit F16 either.
           const std::uint64_t n = detail::check_overflow(job.out, result.data(), result.size(), item.begin, name,
-                                                         job.ref->shard->path().string(), options.clamp_overflow);
+                                                         job.ref->file().string(), options.clamp_overflow);
           if (n != 0) clamped[item.job] += n;
         }
         std::vector<std::byte> bytes(item.count * osize);

@@ -1,4 +1,8 @@
 // Checkpoint::open: one safetensors file, or a Hugging Face folder (single file or index + shards).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <fstream>
 #include <set>
@@ -16,6 +20,7 @@ namespace taskvec {
 
 namespace fs = std::filesystem;
 using format_detail::quote_name;
+using format_detail::TensorFile;
 
 namespace {
 
@@ -165,36 +170,145 @@ std::vector<fs::path> scan_auxiliary_files(const fs::path& folder, std::vector<s
 
 }  // namespace
 
+namespace {
+
+// A safetensors file as a tensor source: the TensorInfos are its header's entries.
+class SafetensorsSource final : public TensorSource {
+ public:
+  explicit SafetensorsSource(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {}
+  const fs::path& path() const noexcept override { return file_->path(); }
+  std::string_view format() const noexcept override { return "safetensors"; }
+  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
+    file_->mapped().read_at(file_->tensor_file_offset(info) + byte_offset, dst);
+  }
+  const SafetensorsFile& file() const noexcept { return *file_; }
+
+ private:
+  std::shared_ptr<const SafetensorsFile> file_;
+};
+
+// The format of a tensor file, from its first bytes (never from its name).
+enum class FileFormat { kSafetensors, kPytorchZip, kPytorchLegacy, kGguf };
+
+FileFormat sniff_format(const fs::path& path) {
+  // O_NONBLOCK: a FIFO in place of a model never blocks here; SafetensorsFile::open refuses it.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return FileFormat::kSafetensors;  // the safetensors reader reports the error
+  unsigned char head[8] = {};
+  struct stat st {};
+  ssize_t n = 0;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) n = ::pread(fd, head, sizeof head, 0);
+  ::close(fd);
+  if (n >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) return FileFormat::kPytorchZip;
+  // torch.save before 1.6 (and with _use_new_zipfile_serialization=False): a protocol-2 pickle of
+  // the magic number 0x1950a86a20f9469cfc6c, i.e. PROTO 2, LONG1 of 10 bytes.
+  if (n >= 4 && head[0] == 0x80 && head[1] == 0x02 && head[2] == 0x8a && head[3] == 0x0a) return FileFormat::kPytorchLegacy;
+  if (n >= 4 && head[0] == 'G' && head[1] == 'G' && head[2] == 'U' && head[3] == 'F') return FileFormat::kGguf;
+  return FileFormat::kSafetensors;
+}
+
+TensorFile open_tensor_file(const fs::path& path) {
+  switch (sniff_format(path)) {
+    case FileFormat::kPytorchZip:
+      throw Error(ErrorCode::kUnsupported,
+                  fmt::format("{}: a PyTorch zip checkpoint (torch.save): this build does not read it yet; convert "
+                              "it to safetensors", path.string()));
+    case FileFormat::kPytorchLegacy:
+      throw Error(ErrorCode::kUnsupported,
+                  fmt::format("{}: a legacy PyTorch checkpoint (torch.save before 1.6, not a zip archive): this "
+                              "build does not read it; convert it to safetensors", path.string()));
+    case FileFormat::kGguf:
+      throw Error(ErrorCode::kUnsupported, fmt::format("{}: a GGUF file: not supported yet", path.string()));
+    case FileFormat::kSafetensors:
+      break;
+  }
+  auto file = SafetensorsFile::open(path);
+  TensorFile out;
+  for (const auto& t : file->header().tensors) out.tensors.push_back(&t);
+  out.metadata = file->header().metadata;
+  out.source = std::make_shared<SafetensorsSource>(std::move(file));
+  return out;
+}
+
+// The names of the files a folder checkpoint may hold, in the order they are looked for.
+constexpr const char* kPytorchIndexFileName = "pytorch_model.bin.index.json";
+
+bool is_pytorch_name(const fs::path& p) {
+  const auto e = p.extension();
+  return e == ".bin" || e == ".pt" || e == ".pth";
+}
+
+// What a folder holds: the index or single tensor file to open.
+struct FolderLayout {
+  fs::path index;
+  fs::path file;
+};
+
+FolderLayout folder_layout(const fs::path& folder) {
+  std::error_code ec;
+  const auto present = [&](const char* name) { return fs::exists(fs::symlink_status(folder / name, ec)); };
+  if (present(kIndexFileName)) return {folder / kIndexFileName, {}};
+  if (present("model.safetensors")) return {{}, folder / "model.safetensors"};
+  if (present(kPytorchIndexFileName)) return {folder / kPytorchIndexFileName, {}};
+  if (present("pytorch_model.bin")) return {{}, folder / "pytorch_model.bin"};
+  std::vector<fs::path> safetensors, pytorch;
+  for (const auto& entry : fs::directory_iterator(folder, ec)) {
+    std::error_code type_ec;
+    if (!entry.is_regular_file(type_ec)) continue;
+    if (is_safetensors_name(entry.path())) safetensors.push_back(entry.path());
+    if (is_pytorch_name(entry.path())) pytorch.push_back(entry.path());
+  }
+  if (ec) throw Error(ErrorCode::kIo, folder.string() + ": cannot list the folder: " + ec.message());
+  std::sort(safetensors.begin(), safetensors.end());
+  std::sort(pytorch.begin(), pytorch.end());
+  const auto one_of = [&](const std::vector<fs::path>& found, const char* kind, const char* index) {
+    if (found.size() > 1) {
+      throw Error(ErrorCode::kInvalidIndex,
+                  fmt::format("{}: {} {} files ({}, {}, ...) but no {} saying how they fit together", folder.string(),
+                              found.size(), kind, found[0].filename().string(), found[1].filename().string(), index));
+    }
+    return found.front();
+  };
+  if (!safetensors.empty()) return {{}, one_of(safetensors, ".safetensors", kIndexFileName)};
+  if (!pytorch.empty()) return {{}, one_of(pytorch, "PyTorch (.bin/.pt/.pth)", kPytorchIndexFileName)};
+  throw Error(ErrorCode::kIo,
+              fmt::format("{}: no model in the folder: looked for {}, model.safetensors, {}, pytorch_model.bin, "
+                          "one .safetensors file, one .bin/.pt/.pth file",
+                          folder.string(), kIndexFileName, kPytorchIndexFileName));
+}
+
+}  // namespace
+
+void Checkpoint::add_file(format_detail::TensorFile&& file, const std::string& label) {
+  const TensorSource* source = file.source.get();
+  for (const TensorInfo* t : file.tensors) {
+    if (const auto it = tensors_.find(t->name); it != tensors_.end()) {
+      throw Error(ErrorCode::kInvalidIndex, fmt::format("{}: tensor {} is in two files: {} and {}", label,
+                                                        quote_name(t->name), quote_name(it->second.file().filename().string()),
+                                                        quote_name(source->path().filename().string())));
+    }
+    tensors_.emplace(t->name, CheckpointTensor{t, source});
+  }
+  if (sources_.empty()) {
+    metadata_ = file.metadata;
+    format_ = std::string(source->format());
+  }
+  for (auto& n : file.notes) notes_.push_back(std::move(n));
+  files_.push_back(source->path());
+  sources_.push_back(std::move(file.source));
+}
+
 Checkpoint Checkpoint::open(const fs::path& path) {
   Checkpoint ck;
   ck.path_ = path;
   std::error_code ec;
-  fs::path file;   // single safetensors file to open, if any
+  fs::path file;   // single tensor file to open, if any
   fs::path index;  // index json to open, if any
   if (fs::is_directory(path, ec)) {
     ck.folder_ = path;
-    if (fs::exists(path / kIndexFileName, ec)) {
-      index = path / kIndexFileName;
-    } else if (fs::exists(path / "model.safetensors", ec)) {
-      file = path / "model.safetensors";
-    } else {
-      std::vector<fs::path> found;
-      for (const auto& entry : fs::directory_iterator(path, ec)) {
-        if (is_safetensors_name(entry.path()) && entry.is_regular_file()) found.push_back(entry.path());
-      }
-      if (ec) throw Error(ErrorCode::kIo, path.string() + ": cannot list the folder: " + ec.message());
-      std::sort(found.begin(), found.end());
-      if (found.empty()) {
-        throw Error(ErrorCode::kIo, path.string() + ": no " + kIndexFileName + " and no .safetensors file in the folder");
-      }
-      if (found.size() > 1) {
-        throw Error(ErrorCode::kInvalidIndex, path.string() + ": " + std::to_string(found.size()) +
-                                                  " .safetensors files (" + found[0].filename().string() + ", " +
-                                                  found[1].filename().string() + ", ...) but no " + kIndexFileName +
-                                                  " saying how they fit together");
-      }
-      file = found.front();
-    }
+    const FolderLayout layout = folder_layout(path);
+    index = layout.index;
+    file = layout.file;
   } else if (path.extension() == ".json") {
     index = path;
     ck.folder_ = path.has_parent_path() ? path.parent_path() : fs::path(".");
@@ -203,10 +317,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   }
 
   if (!file.empty()) {
-    ck.shards_.push_back(SafetensorsFile::open(file));
-    for (const auto& t : ck.shards_.front()->header().tensors) {
-      ck.tensors_.emplace(t.name, CheckpointTensor{&t, ck.shards_.front().get()});
-    }
+    ck.add_file(open_tensor_file(file), file.string());
   } else {
     const std::string label = index.string();
     const nlohmann::json doc = format_detail::parse_json_strict(
@@ -233,38 +344,41 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     std::vector<std::pair<std::string, fs::path>> shard_paths;
     for (const auto& s : shard_names) shard_paths.emplace_back(s, resolve_shard(*ck.folder_, s, label));
     for (const auto& [shard_name, shard_path] : shard_paths) {
-      ck.shards_.push_back(SafetensorsFile::open(shard_path));
-      const SafetensorsFile* shard = ck.shards_.back().get();
-      for (const auto& t : shard->header().tensors) {
-        if (ck.tensors_.contains(t.name)) {
-          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in two shards: " +
-                                                    quote_name(ck.tensors_.at(t.name).shard->path().filename().string()) +
-                                                    " and " + quote_name(shard_name));
+      TensorFile shard = open_tensor_file(shard_path);
+      for (const TensorInfo* t : shard.tensors) {
+        if (const auto it = ck.tensors_.find(t->name); it != ck.tensors_.end()) {
+          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t->name) + " is in two shards: " +
+                                                    quote_name(it->second.file().filename().string()) + " and " +
+                                                    quote_name(shard_name));
         }
-        const auto it = weight_map.find(t.name);
+        const auto it = weight_map.find(t->name);
         if (it == weight_map.end()) {
           throw Error(ErrorCode::kInvalidIndex,
-                      label + ": tensor " + quote_name(t.name) + " of shard " + quote_name(shard_name) + " is not in the weight_map");
+                      label + ": tensor " + quote_name(t->name) + " of shard " + quote_name(shard_name) + " is not in the weight_map");
         }
         if (it->second != shard_name) {
-          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t.name) + " is in shard " + quote_name(shard_name) +
+          throw Error(ErrorCode::kInvalidIndex, label + ": tensor " + quote_name(t->name) + " is in shard " + quote_name(shard_name) +
                                                     " but the weight_map says " + quote_name(it->second));
         }
-        ck.tensors_.emplace(t.name, CheckpointTensor{&t, shard});
       }
+      ck.add_file(std::move(shard), label);
     }
     // Files an index folder holds but the index does not name are ignored: say so.
     if (fs::is_directory(*ck.folder_, ec)) {
+      const bool pytorch_index = index.filename() == kPytorchIndexFileName;
       std::vector<std::string> stray;
       for (const auto& entry : fs::directory_iterator(*ck.folder_, ec)) {
         const std::string n = entry.path().filename().string();
-        if (is_safetensors_name(entry.path()) && !shard_names.contains(n)) stray.push_back(n);
+        const bool model_file = pytorch_index ? is_pytorch_name(entry.path()) : is_safetensors_name(entry.path());
+        if (model_file && !shard_names.contains(n)) stray.push_back(n);
       }
       std::sort(stray.begin(), stray.end());
       for (const auto& n : stray) {
         ck.notes_.push_back(fmt::format("{}: {} is not named by {} and is ignored{}", ck.folder_->string(), quote_name(n),
-                                        kIndexFileName,
-                                        n == "model.safetensors" ? " (the index takes precedence over a single model file)" : ""));
+                                        index.filename().string(),
+                                        n == "model.safetensors" || n == "pytorch_model.bin"
+                                            ? " (the index takes precedence over a single model file)"
+                                            : ""));
       }
     }
     for (const auto& [name, shard] : weight_map) {
@@ -274,6 +388,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
       }
     }
   }
+  std::sort(ck.files_.begin(), ck.files_.end());
   ck.names_.reserve(ck.tensors_.size());
   for (const auto& [name, t] : ck.tensors_) ck.names_.push_back(name);
   if (ck.folder_) ck.auxiliary_ = scan_auxiliary_files(*ck.folder_, ck.notes_);
@@ -298,7 +413,7 @@ void Checkpoint::add_alias(const std::string& alias, const std::string& target) 
   if (!aliases_) aliases_ = std::make_shared<std::vector<std::unique_ptr<TensorInfo>>>();
   auto info = std::make_unique<TensorInfo>(*t.info);
   info->name = alias;
-  tensors_.emplace(alias, CheckpointTensor{info.get(), t.shard});
+  tensors_.emplace(alias, CheckpointTensor{info.get(), t.source});
   aliases_->push_back(std::move(info));
   names_.insert(std::lower_bound(names_.begin(), names_.end(), alias), alias);
 }
@@ -318,11 +433,6 @@ std::optional<bool> Checkpoint::tied_word_embeddings() const {
   } catch (const Error&) {
     return std::nullopt;
   }
-}
-
-const std::map<std::string, std::string>& Checkpoint::metadata() const noexcept {
-  static const std::map<std::string, std::string> kEmpty;
-  return shards_.empty() ? kEmpty : shards_.front()->header().metadata;
 }
 
 std::uint64_t Checkpoint::total_bytes() const noexcept {
@@ -405,9 +515,9 @@ void CheckpointTensor::read(std::uint64_t byte_offset, std::span<std::byte> dst)
   if (byte_offset > size || dst.size() > size - byte_offset) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("tensor '{}' in {}: bytes [{}, {}) are outside its {} bytes", info->name,
-                            shard->path().string(), byte_offset, byte_offset + dst.size(), size));
+                            file().string(), byte_offset, byte_offset + dst.size(), size));
   }
-  shard->mapped().read_at(shard->tensor_file_offset(*info) + byte_offset, dst);
+  source->read(*info, byte_offset, dst);
 }
 
 }  // namespace taskvec

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -10,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "taskvec/error.hpp"
+#include "taskvec/tensor_source.hpp"
 
 namespace taskvec::format_detail {
 
@@ -54,5 +57,15 @@ std::string read_folder_file(const std::filesystem::path& folder, const std::fil
 /// throws Error{kShardEscapes} naming `what` otherwise. Returns the resolved path.
 std::filesystem::path resolve_inside(const std::filesystem::path& folder, const std::filesystem::path& path,
                                      const std::string& what);
+
+/// One opened tensor file of any format, as Checkpoint::open assembles them: its source (which owns
+/// the TensorInfos), its tensors sorted by name, its metadata (safetensors __metadata__) and notes for
+/// the user (Checkpoint::notes).
+struct TensorFile {
+  std::shared_ptr<const TensorSource> source;
+  std::vector<const TensorInfo*> tensors;
+  std::map<std::string, std::string> metadata;
+  std::vector<std::string> notes;
+};
 
 }  // namespace taskvec::format_detail

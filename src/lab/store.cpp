@@ -1,6 +1,7 @@
 #include "lab/store.hpp"
 
 #include <cstring>
+#include <vector>
 
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/dtype.hpp"
@@ -17,7 +18,9 @@ std::vector<std::int64_t> to_sizes(const std::vector<std::uint64_t>& shape) {
 torch::Tensor decode(const CheckpointTensor& t) {
   const auto n = static_cast<std::size_t>(t.info->num_elements());
   auto out = torch::empty(to_sizes(t.info->shape), torch::kFloat32);
-  decode_to_f32(t.info->dtype, t.bytes().data(), out.data_ptr<float>(), n);
+  std::vector<std::byte> bytes(t.info->num_bytes());
+  t.read(0, bytes);
+  decode_to_f32(t.info->dtype, bytes.data(), out.data_ptr<float>(), n);
   return out;
 }
 

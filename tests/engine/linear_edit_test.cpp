@@ -405,7 +405,7 @@ TEST(LinearEditFolders, ShardedOutputWithAuxiliaryFiles) {
   EXPECT_EQ(test::file_bytes(dir / "out" / "config.json"), test::file_bytes(pre_dir / "config.json"));
   EXPECT_TRUE(std::filesystem::exists(dir / "out" / "tokenizer.json"));
   Checkpoint out = Checkpoint::open(dir / "out");
-  EXPECT_EQ(out.shards().size(), 3u);
+  EXPECT_EQ(out.files().size(), 3u);
   EXPECT_EQ(out.metadata().at("format"), "pt");
   for (const char* name : {"a", "b", "c"}) EXPECT_EQ(read_values(dir / "out", name), std::vector<double>(1000, 0.25));
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "support/builders.hpp"
+#include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/error.hpp"
@@ -155,16 +156,18 @@ TEST(Checkpoint, OpensShardedFolderAndIndex) {
   for (const auto& p : {f.dir, f.index()}) {
     const auto ck = Checkpoint::open(p);
     EXPECT_EQ(ck.tensor_names(), (std::vector<std::string>{"a", "b", "c"}));
-    EXPECT_EQ(ck.shards().size(), 2u);
+    EXPECT_EQ(ck.files().size(), 2u);
     ASSERT_TRUE(ck.folder().has_value());
     EXPECT_EQ(ck.total_bytes(), 24u);
     EXPECT_EQ(ck.total_elements(), 6u);
     EXPECT_EQ(ck.metadata().at("format"), "pt");
     EXPECT_EQ(ck.index_metadata().at("total_size"), "24");
     const auto& c = ck.at("c");
-    EXPECT_EQ(c.shard->path().filename(), kS2);
+    EXPECT_EQ(c.file().filename(), kS2);
+    EXPECT_EQ(c.source->format(), "safetensors");
+    EXPECT_EQ(ck.format(), "safetensors");
     float v[3];
-    std::memcpy(v, c.bytes().data(), 12);
+    std::memcpy(v, test::read_all_bytes(c).data(), 12);
     EXPECT_EQ(v[2], 6.0f);
     EXPECT_EQ(ck.find("zzz"), nullptr);
     try {
@@ -210,7 +213,7 @@ TEST(Checkpoint, SingleFileAndFolders) {
   const auto file = test::write_f32_tensor(tmp / "x.safetensors", "w", {2}, {1, 2});
   const auto one = Checkpoint::open(file);
   EXPECT_FALSE(one.folder().has_value());
-  EXPECT_EQ(one.shards().size(), 1u);
+  EXPECT_EQ(one.files().size(), 1u);
   EXPECT_TRUE(one.auxiliary_files().empty());
   EXPECT_TRUE(one.index_metadata().empty());
 

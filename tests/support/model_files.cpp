@@ -43,12 +43,18 @@ void write_model(const std::filesystem::path& path, const std::vector<TensorValu
   write_safetensors(path, specs, metadata);
 }
 
+std::vector<std::byte> read_all_bytes(const CheckpointTensor& t) {
+  std::vector<std::byte> out(t.info->num_bytes());
+  t.read(0, out);
+  return out;
+}
+
 std::vector<double> read_values(const std::filesystem::path& path, const std::string& name) {
   Checkpoint ckpt = Checkpoint::open(path);
   const CheckpointTensor& t = ckpt.at(name);
   std::uint64_t n = t.info->num_elements();
   std::vector<double> out(n);
-  auto bytes = t.bytes();
+  const std::vector<std::byte> bytes = read_all_bytes(t);
   switch (t.info->dtype) {
     case DType::kI64:
       for (std::uint64_t i = 0; i < n; ++i) {
@@ -76,7 +82,7 @@ std::vector<double> read_values(const std::filesystem::path& path, const std::st
 
 std::vector<std::uint8_t> read_tensor_bytes(const std::filesystem::path& path, const std::string& name) {
   Checkpoint ckpt = Checkpoint::open(path);
-  auto bytes = ckpt.at(name).bytes();
+  const std::vector<std::byte> bytes = read_all_bytes(ckpt.at(name));
   std::vector<std::uint8_t> out(bytes.size());
   if (!bytes.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
   return out;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "taskvec/checkpoint.hpp"
 #include "taskvec/dtype.hpp"
 
 namespace taskvec::test {
@@ -23,6 +24,9 @@ struct TensorValues {
 /// Writes `tensors` as one safetensors file at `path` (replacing it).
 void write_model(const std::filesystem::path& path, const std::vector<TensorValues>& tensors,
                  const std::map<std::string, std::string>& metadata = {});
+
+/// Every byte of tensor `t` (its canonical encoding), read through CheckpointTensor::read.
+std::vector<std::byte> read_all_bytes(const CheckpointTensor& t);
 
 /// The values of tensor `name` of the checkpoint at `path` (file or folder), decoded to double
 /// (float dtypes exactly; integer dtypes converted).

@@ -28,8 +28,9 @@ void add_inspect_command(CLI::App& app, const GlobalFlags& global, Action& actio
       if (global.json) {
         nlohmann::ordered_json j;
         j["path"] = *path;
+        j["format"] = ckpt.format();
         j["shards"] = nlohmann::json::array();
-        for (const auto& shard : ckpt.shards()) j["shards"].push_back(shard->path().string());
+        for (const auto& file : ckpt.files()) j["shards"].push_back(file.string());
         j["tensor_count"] = ckpt.tensor_names().size();
         j["parameters"] = ckpt.total_elements();
         j["bytes"] = ckpt.total_bytes();
@@ -47,15 +48,15 @@ void add_inspect_command(CLI::App& app, const GlobalFlags& global, Action& actio
                                {"shape", t.info->shape},
                                {"parameters", t.info->num_elements()},
                                {"bytes", t.info->num_bytes()},
-                               {"shard", t.shard->path().filename().string()}});
+                               {"shard", t.file().filename().string()}});
           }
           j["tensors"] = std::move(tensors);
         }
         fmt::print("{}\n", j.dump(2));
         return 0;
       }
-      fmt::print("{}: {} tensors, {} parameters, {} bytes in {} shard(s)\n", *path, ckpt.tensor_names().size(),
-                 ckpt.total_elements(), ckpt.total_bytes(), ckpt.shards().size());
+      fmt::print("{}: {} tensors, {} parameters, {} bytes in {} shard(s) ({})\n", *path, ckpt.tensor_names().size(),
+                 ckpt.total_elements(), ckpt.total_bytes(), ckpt.files().size(), ckpt.format());
       for (const auto& [dtype, e] : by_dtype) fmt::print("  {:<8} {:>14} parameters {:>16} bytes\n", dtype, e.first, e.second);
       // Untrusted text: control bytes (ESC, NUL, ...) are escaped so they never reach the terminal.
       for (const auto& [k, v] : ckpt.metadata()) {

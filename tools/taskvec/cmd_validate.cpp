@@ -18,11 +18,11 @@ void add_validate_command(CLI::App& app, const GlobalFlags& global, Action& acti
         Checkpoint ckpt = Checkpoint::open(*path);
         if (global.json) {
           nlohmann::ordered_json j{{"path", *path}, {"valid", true}, {"tensors", ckpt.tensor_names().size()},
-                                   {"shards", ckpt.shards().size()}, {"notes", ckpt.notes()}};
+                                   {"format", ckpt.format()}, {"shards", ckpt.files().size()}, {"notes", ckpt.notes()}};
           fmt::print("{}\n", j.dump(2));
         } else if (!global.quiet) {
           for (const auto& note : ckpt.notes()) fmt::print(stderr, "taskvec: warning: {}\n", escape_control(note));
-          fmt::print("valid: {} ({} tensors in {} shard(s))\n", *path, ckpt.tensor_names().size(), ckpt.shards().size());
+          fmt::print("valid: {} ({} tensors in {} shard(s))\n", *path, ckpt.tensor_names().size(), ckpt.files().size());
         }
         return 0;
       } catch (const Error& e) {
