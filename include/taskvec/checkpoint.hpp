@@ -44,13 +44,25 @@ struct CheckpointTensor {
 namespace format_detail {
 struct TensorFile;  // one opened tensor file of any format (src/format/internal.hpp)
 }  // namespace format_detail
+namespace peft {
+struct OpenedAdapter;  // src/format/peft_adapter.hpp
+}  // namespace peft
+
+/// How a PEFT adapter is seen over a base model (Checkpoint::adapter_over).
+enum class AdapterUse {
+  kTaskVector,  ///< tau: dW = s * B @ A for each LoRA module, (saved - base) for a modules_to_save tensor, 0 elsewhere
+  kModel,       ///< theta = base + tau: what PEFT's merge_and_unload gives
+};
 
 /// A read-only, validated checkpoint. Opening maps the shards and validates every header and the
 /// index; no tensor data is read. Cheap to move; the tensors' bytes live as long as the Checkpoint.
 class Checkpoint {
  public:
-  /// Opens `path`: a .safetensors file; an index .json file; or a folder holding
-  /// model.safetensors.index.json or exactly one .safetensors file (model.safetensors preferred).
+  /// Opens `path`, its format detected from the bytes (docs/FORMATS.md): a .safetensors file; an index
+  /// .json file; a PEFT adapter folder (adapter_config.json: see is_adapter()); or a folder holding, in
+  /// this order of preference, model.safetensors.index.json, model.safetensors,
+  /// pytorch_model.bin.index.json, pytorch_model.bin, exactly one .safetensors file, exactly one
+  /// .bin/.pt/.pth file.
   /// For an index: every shard must exist (kShardMissing) and lie inside the folder, symlinks resolved
   /// (kShardEscapes, checked before the shard is opened); every tensor must be in exactly one shard and
   /// the weight_map must agree with the shard headers both ways (kInvalidIndex). Throws Error.
@@ -101,12 +113,28 @@ class Checkpoint {
   /// model.embed_tokens.weight when the config ties them). Copies of this Checkpoint keep the alias.
   /// Throws Error{kTensorMissing} if `target` is absent, Error{kInvalidArgument} if `alias` exists.
   void add_alias(const std::string& alias, const std::string& target);
+  /// True for a PEFT LoRA adapter folder. Its tensors are named as the base model's: F32 deltas
+  /// dW = s * B @ A (computed on demand, per chunk) for the LoRA modules, and the saved tensors of
+  /// modules_to_save. Use it through adapter_over().
+  bool is_adapter() const noexcept { return adapter_ != nullptr; }
+  /// The adapter's base_model_name_or_path ("" when absent or not an adapter).
+  std::string adapter_base_model() const;
+  /// This adapter seen over `base`, as a checkpoint with every tensor of `base` (same names, shapes):
+  /// kTaskVector gives tau (F32 deltas; zero where the adapter changes nothing; integer tensors as in
+  /// base), kModel gives base + tau (F32 where changed, the base tensor elsewhere). Computed on demand:
+  /// no data is read here. The result keeps both checkpoints' sources alive. Throws
+  /// Error{kInvalidArgument} if this is not an adapter, Error{kTensorMissing} for an adapter target the
+  /// base lacks, Error{kShapeMismatch} (naming both shapes) when a delta does not fit its base tensor in
+  /// either orientation (PEFT's fan_in_fan_out), Error{kDtypeMismatch} for a delta on a non-float tensor.
+  Checkpoint adapter_over(const Checkpoint& base, AdapterUse use) const;
+
   /// The folder's config.json "tie_word_embeddings" value; nullopt without a folder, a readable
   /// config.json, or that key.
   std::optional<bool> tied_word_embeddings() const;
 
  private:
   void add_file(format_detail::TensorFile&& file, const std::string& label);
+  static Checkpoint open_adapter(const std::filesystem::path& folder);
 
   std::filesystem::path path_;
   std::shared_ptr<std::vector<std::unique_ptr<TensorInfo>>> aliases_;  // entries of alias names
@@ -120,6 +148,8 @@ class Checkpoint {
   std::map<std::string, std::string> index_metadata_;
   std::vector<std::filesystem::path> auxiliary_;
   std::vector<std::string> notes_;
+  std::shared_ptr<const peft::OpenedAdapter> adapter_;
+  std::vector<std::shared_ptr<const TensorInfo>> owned_infos_;  // entries of derived checkpoints
 };
 
 /// How a checkpoint is written.

@@ -182,6 +182,17 @@ std::string checkpoint_kind(const Checkpoint& ckpt) {
   return it == ckpt.metadata().end() ? std::string() : it->second;
 }
 
+std::optional<std::string> adapter_base_note(const Checkpoint& adapter, const Checkpoint& base) {
+  const std::string recorded = adapter.adapter_base_model();
+  if (recorded.empty()) return std::nullopt;
+  std::filesystem::path base_path = base.folder() ? *base.folder() : base.path();
+  const std::string base_name = std::filesystem::path(base_path).lexically_normal().filename().string();
+  const std::string recorded_name = std::filesystem::path(recorded).lexically_normal().filename().string();
+  if (!base_name.empty() && base_name == recorded_name) return std::nullopt;
+  return fmt::format("{} was trained on {} (base_model_name_or_path); applying it to {}", adapter.path().string(),
+                     escape_control(recorded), base.path().string());
+}
+
 std::optional<std::string> task_vector_as_model_warning(const Checkpoint& ckpt, const std::string& role) {
   if (checkpoint_kind(ckpt) != "task_vector") return std::nullopt;
   return fmt::format("{} is a task vector (taskvec.kind=task_vector), not a model, but is used as {}: the result "

@@ -160,6 +160,11 @@ void check_not_quantized(const Checkpoint& ckpt);
 /// The value of __metadata__ taskvec.kind ("task_vector" for files written by diff), or "" when absent.
 std::string checkpoint_kind(const Checkpoint& ckpt);
 
+/// For a PEFT adapter applied to `base`: a note naming the base model the adapter records
+/// (base_model_name_or_path) when it is not the folder name of `base`, so a user can see a mismatch;
+/// nullopt otherwise. Shapes are checked by Checkpoint::adapter_over.
+std::optional<std::string> adapter_base_note(const Checkpoint& adapter, const Checkpoint& base);
+
 /// A warning when `ckpt` is labeled a task vector (taskvec.kind=task_vector) but is used as a model,
 /// `role` saying how ("the pretrained checkpoint", "a model of the recipe"); nullopt otherwise.
 std::optional<std::string> task_vector_as_model_warning(const Checkpoint& ckpt, const std::string& role);

@@ -1,6 +1,7 @@
 // The streaming task-arithmetic kernel: out = s*base + sum a_i (x_i - base) + sum b_j tau_j, chunk by
 // chunk, on worker threads, written at precomputed offsets (see include/taskvec/engine.hpp).
 #include <algorithm>
+#include <deque>
 #include <atomic>
 #include <bit>
 #include <chrono>
@@ -712,7 +713,14 @@ EditReport apply_task_vectors(const Checkpoint& pretrained, const std::vector<st
   std::vector<std::string> warnings;
   if (auto w = detail::task_vector_as_model_warning(pretrained, "the pretrained checkpoint")) warnings.push_back(*w);
   std::string fingerprint;
+  std::deque<Checkpoint> adapters;  // adapters completed over the pretrained checkpoint (stable addresses)
   for (const auto& [tau, lambda] : task_vectors) {
+    if (tau->is_adapter()) {
+      adapters.push_back(tau->adapter_over(pretrained, AdapterUse::kTaskVector));
+      if (auto w = detail::adapter_base_note(*tau, pretrained)) warnings.push_back(*w);
+      terms.push_back({&adapters.back(), lambda, false});
+      continue;
+    }
     const auto& meta = tau->metadata();
     auto kind = meta.find(kMetaKind);
     auto recorded = meta.find(kMetaPretrainedFingerprint);
@@ -764,9 +772,27 @@ EditReport edit_expression(const std::map<std::string, const Checkpoint*>& model
   for (const auto& [name, ckpt] : models) names.push_back(name);
   LinearExpression parsed = parse_expression(expression, names, pretrained_name);
   const Checkpoint& base = *models.at(pretrained_name);
+  if (base.is_adapter()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("the pretrained model '{}' ({}) is a PEFT adapter, not a model: give the base model it "
+                            "was trained on as the pretrained model",
+                            pretrained_name, base.path().string()));
+  }
   std::vector<LinearTerm> terms;
+  std::deque<Checkpoint> adapters;  // adapters completed over the base (stable addresses)
+  std::vector<std::string> adapter_warnings;
   for (const auto& [name, coefficient] : parsed.coefficients) {
-    if (name != pretrained_name) terms.push_back({models.at(name), coefficient, true});
+    if (name == pretrained_name) continue;
+    const Checkpoint& model = *models.at(name);
+    if (model.is_adapter()) {
+      // The model an adapter defines is base + tau, so coefficient * (model - base) = coefficient * tau:
+      // the completed task vector enters as is, not relative to the base.
+      adapters.push_back(model.adapter_over(base, AdapterUse::kTaskVector));
+      if (auto w = detail::adapter_base_note(model, base)) adapter_warnings.push_back(*w);
+      terms.push_back({&adapters.back(), coefficient, false});
+    } else {
+      terms.push_back({&model, coefficient, true});
+    }
   }
   // The coefficients come from decimal literals combined in doubles, so an expression meant to keep the
   // base (sum 1, a model) or drop it (sum 0, a task vector) can sum to 1 -+ 2^-53 or to 2^-54: snap
@@ -779,6 +805,7 @@ EditReport edit_expression(const std::map<std::string, const Checkpoint*>& model
   if (std::abs(total - 1.0) <= rounding) total = 1.0;
   if (std::abs(total) <= rounding) total = 0.0;
   EditReport report = Engine(base, total, terms, options, DtypePolicy::kBase).run(output, base.metadata());
+  report.warnings.insert(report.warnings.begin(), adapter_warnings.begin(), adapter_warnings.end());
   for (auto it = models.rbegin(); it != models.rend(); ++it) {
     if (it->first != pretrained_name && !parsed.coefficients.count(it->first)) continue;
     const std::string role = it->first == pretrained_name ? fmt::format("the pretrained model '{}'", it->first)

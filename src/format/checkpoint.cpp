@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "format/internal.hpp"
+#include "format/peft_adapter.hpp"
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/error.hpp"
 
@@ -299,6 +300,7 @@ void Checkpoint::add_file(format_detail::TensorFile&& file, const std::string& l
 }
 
 Checkpoint Checkpoint::open(const fs::path& path) {
+  if (peft::is_adapter_folder(path)) return open_adapter(path);
   Checkpoint ck;
   ck.path_ = path;
   std::error_code ec;

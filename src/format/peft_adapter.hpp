@@ -182,6 +182,10 @@ class LoraProductSource final : public TensorSource {
   /// The output tensor's entry (F32, module.shape, data [0, 4 * elements)).
   const TensorInfo& info() const noexcept { return info_; }
   const LoraModule& module() const noexcept { return module_; }
+  /// The factors and what keeps them alive (to build a re-oriented product over the same factors).
+  TensorRef a() const noexcept { return a_; }
+  TensorRef b() const noexcept { return b_; }
+  const std::shared_ptr<const void>& keep_alive() const noexcept { return keep_alive_; }
   /// Writes bytes [byte_offset, byte_offset + dst.size()) of dW's F32 little-endian encoding; any byte
   /// offset (mid-element, mid-row) works. `info` must be info() (only its size is checked). Throws
   /// Error{kInvalidArgument} for a range outside the tensor, and what the factor sources throw.
