@@ -411,7 +411,7 @@ LoraReport extract_lora(const Checkpoint& base, const Checkpoint& finetuned, con
   std::map<std::string, const Entry*> lora_weight;  // module -> its matrix entry
   for (const auto& e : entries)
     if (e.kind == Kind::kLora || e.kind == Kind::kLoraEmbedding) lora_weight[e.module] = &e;
-  std::vector<bool> changed(entries.size(), true);
+  std::vector<char> changed(entries.size(), 1);  // char, not bool: written by the workers
   for (std::size_t i = 0; i < entries.size(); ++i) {
     const Entry& e = entries[i];
     if (e.kind == Kind::kLora || e.kind == Kind::kLoraEmbedding) continue;

@@ -365,6 +365,29 @@ TEST_F(ExtractLora, RandomizedReportsErrorFromNorm) {
   EXPECT_NEAR(report.tensors[0].energy_kept, 1 - tail / all, 1e-10);
 }
 
+TEST_F(ExtractLora, SameBytesForAnyThreadCount) {
+  std::vector<TensorValues> base, ft;
+  for (int k = 0; k < 5; ++k) {
+    const std::string name = "layers." + std::to_string(k) + ".proj.weight";
+    const auto b = gaussian(30 * 20, 100 + k), d = gaussian(30 * 20, 200 + k, 0.1);
+    std::vector<double> f(b.size());
+    for (std::size_t i = 0; i < f.size(); ++i) f[i] = b[i] + d[i];
+    base.push_back({name, DType::kF32, {30, 20}, b});
+    ft.push_back({name, DType::kF32, {30, 20}, f});
+  }
+  write_model(dir / "base.safetensors", base);
+  write_model(dir / "ft.safetensors", ft);
+  options.rank = 4;
+  std::vector<std::vector<std::uint8_t>> files;
+  for (unsigned threads : {1u, 4u}) {
+    options.threads = threads;
+    const fs::path out = dir / ("a" + std::to_string(threads));
+    extract_lora(Checkpoint::open(dir / "base.safetensors"), Checkpoint::open(dir / "ft.safetensors"), out, options);
+    files.push_back(test::file_bytes(out / "adapter_model.safetensors"));
+  }
+  EXPECT_EQ(files[0], files[1]);
+}
+
 TEST_F(ExtractLora, ShapeMismatchBeforeAnyOutput) {
   write_model(dir / "base.safetensors", {{"a.weight", DType::kF32, {2, 3}, {1, 2, 3, 4, 5, 6}},
                                          {"b.weight", DType::kF32, {2, 2}, {1, 2, 3, 4}}});
