@@ -1,18 +1,17 @@
 // Merge kernels that need a whole-tensor statistic: Model Stock (angle between task vectors), SLERP
 // (angle between models), and the SVD methods TSV-Merge and Iso-C (LAPACKE dgesdd, f64).
-#include <dlfcn.h>
-#include <lapacke.h>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
 
+#include "engine/svd.hpp"
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
 
 namespace taskvec {
 
 using namespace merge_detail;
+using detail::gemm_rm;
 
 void merge_model_stock(const MergeTensor& in, std::span<float> out) {
   const std::size_t n = check_inputs(in, out, "model_stock", true, 1);
@@ -75,80 +74,20 @@ void merge_slerp(const MergeTensor& in, std::span<float> out) {
 
 namespace {
 
-// LAPACK is loaded on first use, by the SVD methods only. Linked at build time, OpenBLAS would start its
-// thread pool when any taskvec command loads, and those threads spin in sched_yield for their first
-// ~0.1 s, taking a core from the streaming workers of every edit (measured in docs/BENCHMARKS.md).
-// taskvec also parallelises over tensors itself: an OpenBLAS-backed LAPACK would start its own threads
-// for every SVD, oversubscribing the cores and making the rounding depend on the machine's core count,
-// so it is pinned to one thread when it is OpenBLAS (any other LAPACK works unchanged).
-// BLAS dgemm has the Fortran ABI; LAPACKE has no wrapper for it.
-using Dgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-                       const int*, const double*, const int*, const double*, double*, const int*, std::size_t,
-                       std::size_t);
-struct Lapack {
-  decltype(&LAPACKE_dgesdd) gesdd = nullptr;
-  Dgemm gemm = nullptr;  // may be absent: plain loops then
-};
-
-const Lapack& lapack() {
-  static const Lapack loaded = [] {
-    std::string errors;
-    void* handle = nullptr;
-    for (const char* name : {"liblapacke.so.3", "liblapacke.so"}) {
-      handle = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (handle != nullptr) break;
-      if (const char* e = ::dlerror()) errors += std::string(errors.empty() ? "" : "; ") + e;
-    }
-    Lapack l;
-    if (handle != nullptr) l.gesdd = reinterpret_cast<decltype(&LAPACKE_dgesdd)>(::dlsym(handle, "LAPACKE_dgesdd"));
-    if (l.gesdd == nullptr) {
-      throw Error(ErrorCode::kUnsupported, "the SVD merge methods (tsv_merge, iso_c) need LAPACKE (Debian: liblapacke), "
-                                           "which could not be loaded: " + errors);
-    }
-    l.gemm = reinterpret_cast<Dgemm>(::dlsym(handle, "dgemm_"));
-    using SetThreads = void (*)(int);
-    if (auto* f = reinterpret_cast<SetThreads>(::dlsym(handle, "openblas_set_num_threads"))) f(1);
-    return l;
-  }();
-  return loaded;
-}
-
 // Row-major c (m x n) = a[:, :kk] (row stride lda) * diag(scale) * b (kk x n).
 std::vector<double> scaled_product(const std::vector<double>& a, int lda, const std::vector<double>& scale,
                                    const std::vector<double>& b, int m, int kk, int n) {
-  const Dgemm gemm = lapack().gemm;
   std::vector<double> as(static_cast<std::size_t>(m) * kk);
   for (int i = 0; i < m; ++i)
     for (int k = 0; k < kk; ++k) as[static_cast<std::size_t>(i) * kk + k] = a[static_cast<std::size_t>(i) * lda + k] * scale[k];
   std::vector<double> c(static_cast<std::size_t>(m) * n, 0.0);
-  if (m == 0 || n == 0 || kk == 0) return c;
-  if (gemm) {
-    // Row-major C = As B is column-major C^T = B^T As^T.
-    const char no = 'N';
-    const double one = 1.0, zero = 0.0;
-    gemm(&no, &no, &n, &m, &kk, &one, b.data(), &n, as.data(), &kk, &zero, c.data(), &n, 1, 1);
-    return c;
-  }
-  for (int i = 0; i < m; ++i)
-    for (int k = 0; k < kk; ++k) {
-      const double f = as[static_cast<std::size_t>(i) * kk + k];
-      double* row = &c[static_cast<std::size_t>(i) * n];
-      const double* brow = &b[static_cast<std::size_t>(k) * n];
-      for (int j = 0; j < n; ++j) row[j] += f * brow[j];
-    }
+  gemm_rm(false, false, m, n, kk, as.data(), kk, b.data(), n, c.data(), n);
   return c;
 }
 
-// Row-major thin SVD: a (m x n) = u (m x r) diag(s) vt (r x n), r = min(m, n). `a` is destroyed.
+// Row-major thin SVD (detail::svd_thin, shared with extract-lora).
 void svd(std::vector<double>& a, int m, int n, std::vector<double>& u, std::vector<double>& s, std::vector<double>& vt) {
-  const Lapack& lib = lapack();
-  const int r = std::min(m, n);
-  u.assign(static_cast<std::size_t>(m) * r, 0.0);
-  s.assign(r, 0.0);
-  vt.assign(static_cast<std::size_t>(r) * n, 0.0);
-  const lapack_int info = lib.gesdd(LAPACK_ROW_MAJOR, 'S', m, n, a.data(), n, s.data(), u.data(), r, vt.data(), n);
-  if (info != 0)
-    throw Error(ErrorCode::kInternal, "LAPACKE_dgesdd failed (info " + std::to_string(info) + ")");
+  detail::svd_thin(a, m, n, u, s, vt);
 }
 
 // The orthogonal polar factor of a (m x n, row-major): a = P S Q^T -> P Q^T (m x n). Directions with a

@@ -46,5 +46,6 @@ void add_apply_command(CLI::App& app, const GlobalFlags& global, Action& action)
 void add_edit_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_similarity_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action);
+void add_extract_lora_command(CLI::App& app, const GlobalFlags& global, Action& action);
 
 }  // namespace taskvec::cli
