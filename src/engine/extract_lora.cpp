@@ -41,7 +41,7 @@ constexpr const char* kConfigFile = "adapter_config.json";
 constexpr std::uint64_t kPiece = 1 << 16;  // elements decoded / encoded at a time outside the SVD
 
 // The only place that names the file a tensor lives in (for messages and the writer's protection).
-fs::path file_of(const CheckpointTensor& t) { return t.shard->path(); }
+fs::path file_of(const CheckpointTensor& t) { return t.file(); }
 
 std::vector<fs::path> input_paths(const Checkpoint& c) {
   std::set<fs::path> files{c.path()};
