@@ -162,7 +162,8 @@ class Unpickler {
   void reduce();
   void persistent_id();
   void dict_set(std::uint32_t dict, std::uint32_t key, std::uint32_t value);
-  std::optional<std::string> hash_key(std::uint32_t key) const;
+  std::optional<std::uint64_t> key_hash(std::uint32_t key);
+  bool key_equal(std::uint32_t a, std::uint32_t b) const;
   std::uint64_t natural(std::uint32_t id, const char* what) const;
   std::vector<std::uint64_t> naturals(std::uint32_t id, const char* what) const;
   TorchStateDict extract(std::uint32_t root);
@@ -174,7 +175,10 @@ class Unpickler {
   std::vector<std::uint32_t> stack_;
   std::vector<std::size_t> marks_;
   std::unordered_map<std::uint32_t, std::uint32_t> memo_;
-  std::unordered_map<std::uint32_t, std::unordered_map<std::string, std::size_t>> dict_index_;  // dict -> key -> items pos
+  // dict -> key hash -> positions in its items. Hashes, not key copies: a pickle repeating one long
+  // string as the key of many dicts (BINGET) costs nothing per dict.
+  std::unordered_map<std::uint32_t, std::unordered_multimap<std::uint64_t, std::size_t>> dict_index_;
+  std::unordered_map<std::uint32_t, std::uint64_t> string_hash_;  // str/bytes object -> hash, computed once
   std::vector<View> views_;
   std::unordered_map<std::string, std::uint32_t> storages_;  // key -> storage object
 };
@@ -319,38 +323,62 @@ void Unpickler::persistent_id() {
   push(id);
 }
 
-std::optional<std::string> Unpickler::hash_key(std::uint32_t key) const {
+// Python's dict-key equality for the hashable scalars: str, bytes, and numbers (True == 1 == 1.0).
+// Other keys (tuples, ...) are never merged (nullopt): they stay separate entries.
+std::optional<std::uint64_t> Unpickler::key_hash(std::uint32_t key) {
   const Obj& k = objs_[key];
-  std::string h;
   switch (k.kind) {
-    case Kind::kStr: h.push_back('s'); h.append(k.s); return h;
-    case Kind::kBytes: h.push_back('b'); h.append(k.s); return h;
+    case Kind::kStr:
+    case Kind::kBytes: {
+      const auto [it, fresh] = string_hash_.emplace(key, 0);
+      if (fresh) it->second = std::hash<std::string>{}(k.s) ^ (k.kind == Kind::kStr ? 0x5bd1e995u : 0x1b873593u);
+      return it->second;
+    }
     case Kind::kInt:
-    case Kind::kBool: h.push_back('i'); h.append(std::to_string(k.i)); return h;  // True == 1 as dict keys
-    case Kind::kNone: h.push_back('n'); return h;
+    case Kind::kBool: return std::hash<std::int64_t>{}(k.i);
+    case Kind::kNone: return 0x9e3779b97f4a7c15u;
     case Kind::kFloat:
       if (k.f > -9.2e18 && k.f < 9.2e18 && k.f == static_cast<double>(static_cast<std::int64_t>(k.f))) {  // NaN: false
-        h.push_back('i');
-        h.append(std::to_string(static_cast<std::int64_t>(k.f)));
-      } else {
-        h.push_back('f');
-        h.append(std::to_string(std::bit_cast<std::uint64_t>(k.f)));
+        return std::hash<std::int64_t>{}(static_cast<std::int64_t>(k.f));
       }
-      return h;
-    default: return std::nullopt;  // tuples etc.: kept as separate entries
+      return std::hash<std::uint64_t>{}(std::bit_cast<std::uint64_t>(k.f)) ^ 0x85ebca6bu;
+    default: return std::nullopt;
   }
 }
 
-void Unpickler::dict_set(std::uint32_t dict, std::uint32_t key, std::uint32_t value) {
-  Obj& d = objs_[dict];
-  if (const auto h = hash_key(key)) {
-    auto& index = dict_index_[dict];
-    const auto [it, fresh] = index.emplace(*h, d.items.size());
-    if (!fresh) {
-      d.items[it->second + 1] = value;  // Python: a repeated key keeps its place, takes the new value
-      return;
-    }
+bool Unpickler::key_equal(std::uint32_t a, std::uint32_t b) const {
+  if (a == b) return true;
+  const Obj& x = objs_[a];
+  const Obj& y = objs_[b];
+  auto numeric = [](const Obj& o) { return o.kind == Kind::kInt || o.kind == Kind::kBool || o.kind == Kind::kFloat; };
+  if (numeric(x) && numeric(y)) {
+    if (x.kind != Kind::kFloat && y.kind != Kind::kFloat) return x.i == y.i;
+    const double dx = x.kind == Kind::kFloat ? x.f : static_cast<double>(x.i);
+    const double dy = y.kind == Kind::kFloat ? y.f : static_cast<double>(y.i);
+    return dx == dy;
   }
+  if (x.kind != y.kind) return false;
+  if (x.kind == Kind::kNone) return true;
+  return (x.kind == Kind::kStr || x.kind == Kind::kBytes) && x.s == y.s;
+}
+
+void Unpickler::dict_set(std::uint32_t dict, std::uint32_t key, std::uint32_t value) {
+  if (const auto h = key_hash(key)) {
+    auto& index = dict_index_[dict];
+    Obj& d = objs_[dict];
+    const auto [lo, hi] = index.equal_range(*h);
+    int same_hash = 0;
+    for (auto it = lo; it != hi; ++it) {
+      // Distinct keys sharing a 64-bit hash are crafted, never real: a bound keeps this loop short.
+      if (++same_hash > 16) invalid("more than 16 distinct dict keys share one hash (a crafted pickle)");
+      if (key_equal(d.items[it->second], key)) {
+        d.items[it->second + 1] = value;  // Python: a repeated key keeps its place, takes the new value
+        return;
+      }
+    }
+    index.emplace(*h, d.items.size());
+  }
+  Obj& d = objs_[dict];
   d.items.push_back(key);
   d.items.push_back(value);
 }
