@@ -187,6 +187,76 @@ Seeds recipe_seeds() {
   return s;
 }
 
+// ---- fuzz_pickle: torch data.pkl streams and zip archives, built by hand like the tests do ----
+
+std::string le(std::uint64_t v, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  return out;
+}
+std::string uni(const std::string& s) { return "X" + le(s.size(), 4) + s; }
+std::string glob(const std::string& m, const std::string& n) { return "c" + m + "\n" + n + "\n"; }
+std::string k1(int v) { return std::string("K") + static_cast<char>(v); }
+std::string odict() { return glob("collections", "OrderedDict") + ")R"; }
+
+// "name": _rebuild_tensor_v2(('storage', torch.<cls>, key, 'cpu', numel), offset, shape, stride, False, OrderedDict())
+std::string pkl_tensor(const std::string& name, const std::string& cls, const std::string& key, int numel, int offset,
+                       const std::string& shape, const std::string& stride) {
+  return uni(name) + glob("torch._utils", "_rebuild_tensor_v2") + "((" + uni("storage") + glob("torch", cls) + uni(key) +
+         uni("cpu") + k1(numel) + "tQ" + k1(offset) + shape + stride + "\x89" + odict() + "tR";
+}
+
+std::string zip_of(const std::vector<std::pair<std::string, std::string>>& entries, std::uint16_t method = 0) {
+  std::string out, cd;
+  for (const auto& [name, data] : entries) {
+    const std::uint64_t off = out.size();
+    out += "PK\x03\x04" + le(20, 2) + le(0x0808, 2) + le(method, 2) + le(0, 8) + le(0, 8) + le(name.size(), 2) + le(0, 2) + name + data;
+    out += "PK\x07\x08" + le(0, 4) + le(data.size(), 4) + le(data.size(), 4);
+    cd += "PK\x01\x02" + le(20, 2) + le(20, 2) + le(0x0808, 2) + le(method, 2) + le(0, 8) + le(data.size(), 4) + le(data.size(), 4) +
+          le(name.size(), 2) + le(0, 8) + le(0, 4) + le(off, 4) + name;
+  }
+  const std::uint64_t cd_off = out.size(), n = entries.size();
+  out += cd;
+  const std::uint64_t rec = out.size();
+  out += "PK\x06\x06" + le(44, 8) + le(45, 2) + le(45, 2) + le(0, 8) + le(n, 8) + le(n, 8) + le(cd.size(), 8) + le(cd_off, 8);
+  out += "PK\x06\x07" + le(0, 4) + le(rec, 8) + le(1, 4);
+  out += "PK\x05\x06" + le(0, 4) + le(n, 2) + le(n, 2) + le(cd.size(), 4) + le(cd_off, 4) + le(0, 2);
+  return out;
+}
+
+Seeds pickle_seeds() {
+  const std::string P = "\x80\x02";
+  const std::string w = pkl_tensor("w", "FloatStorage", "0", 12, 0, "(K\x03K\x04t", "(K\x04K\x01t");
+  const std::string wt = pkl_tensor("w_t", "FloatStorage", "0", 12, 0, "(K\x04K\x03t", "(K\x01K\x04t");
+  const std::string h = pkl_tensor("h", "HalfStorage", "1", 2, 0, "(K\x02t", "(K\x01t");
+  const std::string sd = P + odict() + "(" + w + wt + h + "u.";
+  Seeds s;
+  s.emplace_back("valid_state_dict", sd);
+  s.emplace_back("valid_module_metadata", P + odict() + "(" + w + "u}(" + uni("_metadata") + odict() + "ub.");
+  s.emplace_back("valid_nested", P + "}(" + uni("state_dict") + odict() + "(" + w + "u" + uni("epoch") + k1(3) + "u.");
+  s.emplace_back("valid_parameter", P + "}(" + uni("p") + glob("torch._utils", "_rebuild_parameter") + "(" +
+                                        pkl_tensor("", "FloatStorage", "0", 4, 0, "(K\x04t", "(K\x01t").substr(5) + "\x88" + odict() + "tRu.");
+  s.emplace_back("valid_memo", P + "}(" + w + "q\x07" + uni("v") + "h\x07u.");
+  s.emplace_back("proto4_no_tensors", "\x80\x04\x95" + le(9, 8) + "}\x94(\x8c\x01\x61K\x01u.");
+  s.emplace_back("no_tensors_long_float", P + "}(" + uni("x") + "\x8a\x05\x01\x02\x03\x04\x85" + uni("f") + "G?\xf0" + le(0, 6) + "u.");
+  s.emplace_back("evil_os_system", P + glob("os", "system") + uni("id") + "\x85R.");
+  s.emplace_back("evil_stack_global", "\x80\x04\x8c\x02os\x8c\x06system\x93" + uni("id") + "\x85R.");
+  s.emplace_back("evil_reduce_storage", P + glob("torch", "FloatStorage") + ")R.");
+  s.emplace_back("evil_inst", P + "ios\nsystem\n(S'id'\n.");
+  s.emplace_back("huge_memo", P + "}r\xff\xff\xff\xff.");
+  s.emplace_back("self_list", P + "}(" + uni("l") + "]q\x01h\x01" + "au.");
+  s.emplace_back("deep_marks", P + std::string(2000, '(') + ".");
+  s.emplace_back("truncated", sd.substr(0, sd.size() / 2));
+  s.emplace_back("long_string", P + "X\xff\xff\xff\x7f" + "abc.");
+  const std::string f12(48, '\x01'), f2(4, '\x02');
+  s.emplace_back("zip_valid", zip_of({{"m/data.pkl", sd}, {"m/data/0", f12}, {"m/data/1", f2}, {"m/version", "3\n"}}));
+  s.emplace_back("zip_dotdot", zip_of({{"../evil", "x"}}));
+  s.emplace_back("zip_deflated", zip_of({{"m/data.pkl", "x"}}, 8));
+  const std::string z = zip_of({{"m/data.pkl", sd}});
+  s.emplace_back("zip_truncated", z.substr(0, z.size() - 5));
+  return s;
+}
+
 const char* kJsonDict = R"D("{"
 "}"
 "["
@@ -270,6 +340,46 @@ const char* kRecipeDict = R"D("merge_method: "
 "? "
 )D";
 
+const char* kPickleDict = R"D("\x80\x02"
+"\x80\x04"
+"ccollections\x0aOrderedDict\x0a"
+"ctorch._utils\x0a_rebuild_tensor_v2\x0a"
+"ctorch._utils\x0a_rebuild_parameter\x0a"
+"ctorch\x0aFloatStorage\x0a"
+"ctorch\x0aHalfStorage\x0a"
+"ctorch\x0aBFloat16Storage\x0a"
+"ctorch\x0aLongStorage\x0a"
+"X\x07\x00\x00\x00storage"
+"X\x03\x00\x00\x00cpu"
+"X\x01\x00\x00\x000"
+"\x8c\x01a"
+"\x8a\x08"
+"r\xff\xff\xff\xff"
+"j\x00\x00\x00\x00"
+"q\x00"
+"h\x00"
+")R"
+"tQ"
+"tR"
+"\x89"
+"\x88"
+"\x85"
+"\x86"
+"\x87"
+"\x93"
+"\x94"
+"\x95"
+"PK\x03\x04"
+"PK\x01\x02"
+"PK\x05\x06"
+"PK\x06\x06"
+"PK\x06\x07"
+"PK\x07\x08"
+"/data.pkl"
+"/data/0"
+"\xff\xff\xff\xff"
+)D";
+
 void write(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -294,5 +404,6 @@ int main(int argc, char** argv) {
   write_corpus(out, "fuzz_index", index_seeds(), kJsonDict);
   write_corpus(out, "fuzz_expression", expression_seeds(), kExpressionDict);
   write_corpus(out, "fuzz_recipe", recipe_seeds(), kRecipeDict);
+  write_corpus(out, "fuzz_pickle", pickle_seeds(), kPickleDict);
   return 0;
 }
