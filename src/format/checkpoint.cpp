@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -14,6 +16,7 @@
 
 #include "format/internal.hpp"
 #include "format/peft_adapter.hpp"
+#include "format/pytorch_reader.hpp"
 #include "taskvec/checkpoint.hpp"
 #include "taskvec/error.hpp"
 
@@ -173,61 +176,61 @@ std::vector<fs::path> scan_auxiliary_files(const fs::path& folder, std::vector<s
 
 namespace {
 
-// A safetensors file as a tensor source: the TensorInfos are its header's entries.
-class SafetensorsSource final : public TensorSource {
- public:
-  explicit SafetensorsSource(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {}
-  const fs::path& path() const noexcept override { return file_->path(); }
-  std::string_view format() const noexcept override { return "safetensors"; }
-  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
-    file_->mapped().read_at(file_->tensor_file_offset(info) + byte_offset, dst);
-  }
-  const SafetensorsFile& file() const noexcept { return *file_; }
-
- private:
-  std::shared_ptr<const SafetensorsFile> file_;
-};
-
 // The format of a tensor file, from its first bytes (never from its name).
-enum class FileFormat { kSafetensors, kPytorchZip, kPytorchLegacy, kGguf };
+enum class FileFormat { kSafetensors, kPytorch, kGguf };
 
 FileFormat sniff_format(const fs::path& path) {
   // O_NONBLOCK: a FIFO in place of a model never blocks here; SafetensorsFile::open refuses it.
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return FileFormat::kSafetensors;  // the safetensors reader reports the error
-  unsigned char head[8] = {};
+  std::array<std::byte, format_detail::kPytorchSniffBytes> head{};
   struct stat st {};
   ssize_t n = 0;
-  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) n = ::pread(fd, head, sizeof head, 0);
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) n = ::pread(fd, head.data(), head.size(), 0);
   ::close(fd);
-  if (n >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) return FileFormat::kPytorchZip;
-  // torch.save before 1.6 (and with _use_new_zipfile_serialization=False): a protocol-2 pickle of
-  // the magic number 0x1950a86a20f9469cfc6c, i.e. PROTO 2, LONG1 of 10 bytes.
-  if (n >= 4 && head[0] == 0x80 && head[1] == 0x02 && head[2] == 0x8a && head[3] == 0x0a) return FileFormat::kPytorchLegacy;
-  if (n >= 4 && head[0] == 'G' && head[1] == 'G' && head[2] == 'U' && head[3] == 'F') return FileFormat::kGguf;
+  const std::span<const std::byte> bytes(head.data(), n > 0 ? static_cast<std::size_t>(n) : 0);
+  // Any zip (torch.save since 1.6) or a legacy torch.save pickle goes to the PyTorch reader, which says
+  // what is wrong with a zip that is not a PyTorch checkpoint and how to convert a legacy file.
+  if (format_detail::looks_like_zip(bytes) || format_detail::looks_like_legacy_pytorch(bytes)) return FileFormat::kPytorch;
+  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0) return FileFormat::kGguf;
   return FileFormat::kSafetensors;
 }
 
+// Keeps an opened PyTorch file (which owns the TensorInfos) alive and serves its tensors.
+class PytorchSource final : public TensorSource {
+ public:
+  explicit PytorchSource(format_detail::PytorchFile file) : file_(std::move(file)) {}
+  const fs::path& path() const noexcept override { return file_.source->path(); }
+  std::string_view format() const noexcept override { return "pytorch"; }
+  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
+    file_.source->read(info, byte_offset, dst);
+  }
+  const format_detail::PytorchFile& file() const noexcept { return file_; }
+
+ private:
+  format_detail::PytorchFile file_;
+};
+
 TensorFile open_tensor_file(const fs::path& path) {
+  TensorFile out;
   switch (sniff_format(path)) {
-    case FileFormat::kPytorchZip:
-      throw Error(ErrorCode::kUnsupported,
-                  fmt::format("{}: a PyTorch zip checkpoint (torch.save): this build does not read it yet; convert "
-                              "it to safetensors", path.string()));
-    case FileFormat::kPytorchLegacy:
-      throw Error(ErrorCode::kUnsupported,
-                  fmt::format("{}: a legacy PyTorch checkpoint (torch.save before 1.6, not a zip archive): this "
-                              "build does not read it; convert it to safetensors", path.string()));
+    case FileFormat::kPytorch: {
+      auto source = std::make_shared<PytorchSource>(format_detail::open_pytorch_file(path));
+      for (const auto& t : source->file().tensors) out.tensors.push_back(&t);
+      out.notes = source->file().notes;
+      out.source = std::move(source);
+      return out;
+    }
     case FileFormat::kGguf:
-      throw Error(ErrorCode::kUnsupported, fmt::format("{}: a GGUF file: not supported yet", path.string()));
+      throw Error(ErrorCode::kUnsupported,
+                  fmt::format("{}: a GGUF file: not supported yet; convert it to safetensors", path.string()));
     case FileFormat::kSafetensors:
       break;
   }
   auto file = SafetensorsFile::open(path);
-  TensorFile out;
   for (const auto& t : file->header().tensors) out.tensors.push_back(&t);
   out.metadata = file->header().metadata;
-  out.source = std::make_shared<SafetensorsSource>(std::move(file));
+  out.source = std::make_shared<peft::SafetensorsFileSource>(std::move(file));
   return out;
 }
 

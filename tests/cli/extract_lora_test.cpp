@@ -63,8 +63,8 @@ TEST_F(ExtractLoraCli, JsonReportAndAdapter) {
   EXPECT_NEAR(t["relative_error"].get<double>(), 1 / std::sqrt(21.0), 1e-12);
   EXPECT_NEAR(t["energy_kept"].get<double>(), 20.0 / 21.0, 1e-12);
   EXPECT_NEAR(t["tau_norm"].get<double>(), std::sqrt(21.0), 1e-12);
-  EXPECT_EQ(read_values(dir / "adapter", "base_model.model.model.k_proj.bias"), (std::vector<double>{0.5, 0}));
-  EXPECT_EQ(test::read_dtype(dir / "adapter", "base_model.model.model.q_proj.lora_A.weight"), DType::kF32);
+  EXPECT_EQ(read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.model.k_proj.bias"), (std::vector<double>{0.5, 0}));
+  EXPECT_EQ(test::read_dtype(dir / "adapter" / "adapter_model.safetensors", "base_model.model.model.q_proj.lora_A.weight"), DType::kF32);
   const auto config = nlohmann::json::parse(test::read_file(dir / "adapter" / "adapter_config.json"));
   EXPECT_EQ(config["task_type"], "CAUSAL_LM");
   EXPECT_EQ(config["lora_bias"], false);
@@ -76,7 +76,7 @@ TEST_F(ExtractLoraCli, JsonReportAndAdapter) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("model.q_proj.weight"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("0.218218"), std::string::npos) << r.out;  // 1 / sqrt(21)
-  EXPECT_EQ(test::read_dtype(dir / "adapter", "base_model.model.model.q_proj.lora_A.weight"), DType::kBF16);
+  EXPECT_EQ(test::read_dtype(dir / "adapter" / "adapter_model.safetensors", "base_model.model.model.q_proj.lora_A.weight"), DType::kBF16);
 }
 
 TEST_F(ExtractLoraCli, RefusalsExitStatuses) {

@@ -191,9 +191,9 @@ TEST_F(ExtractLora, ExactRankTaskVectorComesBack) {
   const auto report = extract_lora(Checkpoint::open(dir / "base.safetensors"), Checkpoint::open(dir / "ft.safetensors"),
                                    dir / "adapter", options);
   const std::string p = "base_model.model.model.layers.0.self_attn.q_proj";
-  EXPECT_EQ(test::read_dtype(dir / "adapter", p + ".lora_A.weight"), DType::kF32);  // F64 inputs: F32 factors
-  const auto la = read_values(dir / "adapter", p + ".lora_A.weight");
-  const auto lb = read_values(dir / "adapter", p + ".lora_B.weight");
+  EXPECT_EQ(test::read_dtype(dir / "adapter" / "adapter_model.safetensors", p + ".lora_A.weight"), DType::kF32);  // F64 inputs: F32 factors
+  const auto la = read_values(dir / "adapter" / "adapter_model.safetensors", p + ".lora_A.weight");
+  const auto lb = read_values(dir / "adapter" / "adapter_model.safetensors", p + ".lora_B.weight");
   ASSERT_EQ(la.size(), r * n);
   ASSERT_EQ(lb.size(), m * r);
   // Tolerance: F32 factors (relative rounding 6e-8 per entry) of a well-conditioned rank-3 product.
@@ -261,8 +261,8 @@ TEST_F(ExtractLora, DiagonalErrorsRankPatternAndConfig) {
   EXPECT_NE(report.warnings[0].find("m.steps"), std::string::npos);
 
   // The factors of x give diag(5, 4, 3, 0, 0) back (F32 factors of exact small integers).
-  const auto la = read_values(dir / "adapter", "base_model.model.m.x.lora_A.weight");
-  const auto lb = read_values(dir / "adapter", "base_model.model.m.x.lora_B.weight");
+  const auto la = read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.m.x.lora_A.weight");
+  const auto lb = read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.m.x.lora_B.weight");
   ASSERT_EQ(la.size(), 3u * 5);
   ASSERT_EQ(lb.size(), 6u * 3);
   const auto bx = product(lb, la, 6, 3, 5);
@@ -270,9 +270,9 @@ TEST_F(ExtractLora, DiagonalErrorsRankPatternAndConfig) {
     for (std::size_t j = 0; j < 5; ++j)
       EXPECT_NEAR(bx[i * 5 + j], (i == j && i < 3) ? 5.0 - static_cast<double>(i) : 0.0, 1e-5) << i << "," << j;
   // Bias of a LoRA module: its task vector as lora_B.bias; norm and embedding saved whole (fine-tuned values).
-  EXPECT_EQ(read_values(dir / "adapter", "base_model.model.m.x.lora_B.bias"), bias1);
-  EXPECT_EQ(read_values(dir / "adapter", "base_model.model.m.norm.weight"), norm1);
-  EXPECT_EQ(read_values(dir / "adapter", "base_model.model.m.embed_tokens.weight"), emb1);
+  EXPECT_EQ(read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.m.x.lora_B.bias"), bias1);
+  EXPECT_EQ(read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.m.norm.weight"), norm1);
+  EXPECT_EQ(read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.m.embed_tokens.weight"), emb1);
 
   // Exactly these keys, nothing else.
   const auto adapter = Checkpoint::open(dir / "adapter" / "adapter_model.safetensors");
@@ -329,8 +329,8 @@ TEST_F(ExtractLora, EmbeddingLoraIsTransposedAsPeftExpects) {
   ASSERT_EQ(report.tensors.size(), 1u);
   EXPECT_EQ(report.tensors[0].kind, "lora_embedding");
   EXPECT_EQ(report.tensors[0].rank, 1);
-  const auto a = read_values(dir / "adapter", "base_model.model.model.embed_tokens.lora_embedding_A");
-  const auto b = read_values(dir / "adapter", "base_model.model.model.embed_tokens.lora_embedding_B");
+  const auto a = read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.model.embed_tokens.lora_embedding_A");
+  const auto b = read_values(dir / "adapter" / "adapter_model.safetensors", "base_model.model.model.embed_tokens.lora_embedding_B");
   ASSERT_EQ(a.size(), 10u);  // [1, 10]
   ASSERT_EQ(b.size(), 6u);   // [6, 1]
   const auto ba = product(b, a, 6, 1, 10);  // (6 x 10); its transpose must be tau
