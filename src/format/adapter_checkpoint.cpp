@@ -99,7 +99,7 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
                   fmt::format("{}: the adapter's LoRA module changes tensor {}, which is {} in {}: not a float tensor",
                               label, quote_name(t.info.name), dtype_name(b->info->dtype), base.path().string()));
     }
-    if (t.kind == peft::AdapterTensor::Kind::kFull && b->info->shape != t.info.shape) {
+    if ((t.kind == peft::AdapterTensor::Kind::kFull || !t.module) && b->info->shape != t.info.shape) {
       throw Error(ErrorCode::kShapeMismatch,
                   fmt::format("{}: saved tensor {} has shape {} but {} in {}", label, quote_name(t.info.name),
                               format_detail::format_dims(t.info.shape), format_detail::format_dims(b->info->shape),
@@ -167,12 +167,16 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
       }
       continue;
     }
-    // A LoRA delta, oriented as the base tensor (PEFT decides the transpose by the module's type).
-    peft::LoraModule module = *t.module;
-    peft::orient_to_base(module, b.info->shape, label);
+    // A LoRA delta, oriented as the base tensor (PEFT decides the transpose by the module's type); a
+    // bias delta (lora_bias) as it is.
     std::shared_ptr<const TensorSource> delta = t.source;
     const TensorInfo* delta_info = &t.info;
-    if (module.fan_in_fan_out != t.module->fan_in_fan_out) {
+    peft::LoraModule module;
+    if (t.module) {
+      module = *t.module;
+      peft::orient_to_base(module, b.info->shape, label);
+    }
+    if (t.module && module.fan_in_fan_out != t.module->fan_in_fan_out) {
       const auto* product = static_cast<const peft::LoraProductSource*>(t.source.get());
       auto flipped = std::make_shared<peft::LoraProductSource>(module, product->a(), product->b(), product->keep_alive());
       delta_info = &flipped->info();

@@ -189,9 +189,7 @@ AdapterConfig parse_adapter_config(std::string_view json_text, const std::string
   if (get_bool(doc, "use_dora", false, label)) {
     fail(label, "\"use_dora\": true: DoRA adapters (a magnitude vector rescales W + dW per column) are not supported");
   }
-  if (get_bool(doc, "lora_bias", false, label)) {
-    fail(label, "\"lora_bias\": true: LoRA with a bias on lora_B is not supported (the bias is a full tensor, not s * B @ A)");
-  }
+  c.lora_bias = get_bool(doc, "lora_bias", false, label);
   if (const auto it = doc.find("bias"); it != doc.end() && !it->is_null()) {
     if (!it->is_string()) fail(label, "\"bias\" is not a string");
     if (it->get<std::string>() != "none") {
@@ -263,6 +261,7 @@ AdapterTensors map_adapter_tensors(const AdapterConfig& config, std::span<const 
   std::vector<std::pair<std::string, const TensorInfo*>> saved_bases;  // module -> base_layer.weight
   std::vector<std::pair<FullTensor, const TensorInfo*>> full;
   std::set<std::string> adapter_names;
+  std::vector<std::pair<std::string, const TensorInfo*>> lora_biases;  // module -> lora_B.bias
 
   auto note_adapter = [&](const std::string& name, const TensorInfo& t) {
     if (!adapter_names.empty() && !adapter_names.contains(name)) {
@@ -299,7 +298,13 @@ AdapterTensors map_adapter_tensors(const AdapterConfig& config, std::span<const 
       bool ok = marker > 0;
       if (!embedding) {
         if (tail >= 1 && parts[n - 1] == "bias" && kind == "lora_B") {
-          fail(label, "tensor " + quoted + " is a lora_B bias (lora_bias): not supported");
+          if (!config.lora_bias) {
+            fail(label, "tensor " + quoted + " is a lora_B bias but the config does not say \"lora_bias\": true");
+          }
+          if (marker == 0 || tail > 2) fail(label, "tensor " + quoted + " is not a <module>.lora_B.bias key");
+          if (tail == 2) note_adapter(parts[marker + 1], t);
+          lora_biases.emplace_back(join_dots(parts, 0, marker), &t);
+          continue;
         }
         ok = ok && (tail == 1 || tail == 2) && parts[n - 1] == "weight";
         if (ok && tail == 2) note_adapter(parts[marker + 1], t);
@@ -421,6 +426,22 @@ AdapterTensors map_adapter_tensors(const AdapterConfig& config, std::span<const 
     out.modules.push_back(std::move(m));
   }
 
+  for (const auto& [module, info] : lora_biases) {
+    auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == module; });
+    if (it == out.modules.end() || it->is_embedding) {
+      fail(label, "tensor " + quote_name(info->name) + " is the lora_B bias of module " + quote_name(module) +
+                      ", which has no lora_A / lora_B factors");
+    }
+    const std::uint64_t rows = it->fan_in_fan_out ? it->shape[1] : it->shape[0];
+    if (info->shape != std::vector<std::uint64_t>{rows} || !dtype_is_editable(info->dtype)) {
+      fail(label, "tensor " + quote_name(info->name) + " has shape " + format_dims(info->shape) + " and dtype " +
+                      std::string(dtype_name(info->dtype)) + ": a lora_B bias is a float vector of lora_B's " +
+                      std::to_string(rows) + " rows");
+    }
+    claim(module + ".bias", info->name);
+    out.bias_deltas.push_back({module + ".bias", info->name, it->scale});
+  }
+  std::sort(out.bias_deltas.begin(), out.bias_deltas.end(), [](const auto& x, const auto& y) { return x.target < y.target; });
   for (const auto& [module, info] : saved_bases) {
     auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == module; });
     if (it == out.modules.end()) {
@@ -588,6 +609,39 @@ AdapterFiles find_adapter_files(const std::filesystem::path& folder) {
                                   kAdapterBinName);
 }
 
+namespace {
+
+// scale * x for a float tensor x, decoded exactly to f64 and rounded once to F32.
+class ScaledSource final : public TensorSource {
+ public:
+  ScaledSource(TensorRef original, double scale, std::shared_ptr<const void> keep_alive)
+      : original_(original), scale_(scale), keep_alive_(std::move(keep_alive)) {}
+  const std::filesystem::path& path() const noexcept override { return original_.source->path(); }
+  std::string_view format() const noexcept override { return "lora"; }
+  void read(const TensorInfo&, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
+    if (dst.empty()) return;
+    const std::uint64_t first = byte_offset / 4, last = (byte_offset + dst.size() + 3) / 4, n = last - first;
+    const std::uint64_t size = dtype_bits(original_.info->dtype) / 8;
+    if (last > original_.info->num_elements()) {
+      throw Error(ErrorCode::kInvalidArgument, "tensor " + quote_name(original_.info->name) + ": bytes outside the tensor");
+    }
+    std::vector<std::byte> raw(n * size), out(n * 4);
+    std::vector<double> x(n);
+    original_.source->read(*original_.info, first * size, raw);
+    decode_to_f64(original_.info->dtype, raw.data(), x.data(), n);
+    for (double& v : x) v *= scale_;
+    encode_from_f64(DType::kF32, x.data(), out.data(), n);
+    std::copy_n(out.begin() + static_cast<std::ptrdiff_t>(byte_offset - first * 4), dst.size(), dst.begin());
+  }
+
+ private:
+  TensorRef original_;
+  double scale_;
+  std::shared_ptr<const void> keep_alive_;
+};
+
+}  // namespace
+
 std::vector<AdapterTensor> make_adapter_tensors(const AdapterTensors& mapping, std::span<const TensorRef> tensors,
                                                 const std::shared_ptr<const void>& keep_alive) {
   std::map<std::string_view, TensorRef> by_name;
@@ -601,6 +655,15 @@ std::vector<AdapterTensor> make_adapter_tensors(const AdapterTensors& mapping, s
   for (const LoraModule& m : mapping.modules) {
     auto src = std::make_shared<LoraProductSource>(m, ref(m.a_name), ref(m.b_name), keep_alive);
     out.push_back({AdapterTensor::Kind::kDelta, src->info(), src, m});
+  }
+  for (const BiasDelta& d : mapping.bias_deltas) {
+    const TensorRef original = ref(d.source);
+    AdapterTensor t{AdapterTensor::Kind::kDelta, *original.info, std::make_shared<ScaledSource>(original, d.scale, keep_alive), {}};
+    t.info.name = d.target;
+    t.info.dtype = DType::kF32;
+    t.info.data_begin = 0;
+    t.info.data_end = 4 * original.info->num_elements();
+    out.push_back(std::move(t));
   }
   for (const FullTensor& f : mapping.full_tensors) {
     const TensorRef original = ref(f.source);

@@ -66,6 +66,7 @@ struct AdapterConfig {
   double lora_alpha = 8;           ///< default alpha (finite)
   bool use_rslora = false;         ///< scale = alpha / sqrt(r) instead of alpha / r
   bool fan_in_fan_out = false;     ///< base weight stored [in, out] (GPT-2 Conv1D): dW transposed
+  bool lora_bias = false;          ///< lora_B has a bias: d(bias) = s * lora_B.bias (PEFT's merge)
   /// Per-module overrides in file order; the first key whose pattern matches wins (pattern_matches).
   std::vector<std::pair<std::string, std::uint64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
@@ -99,7 +100,7 @@ bool pattern_matches(const std::string& key, std::string_view module, const std:
 /// "peft_type" or one other than "LORA" (IA3, VERA, OFT, BOFT, LOHA, LOKR, ADALORA, PROMPT_TUNING, ...,
 /// named in the message); r, rank_pattern values not positive integers; lora_alpha, alpha_pattern values
 /// not finite numbers; a pattern key that is not a valid regex; a wrong JSON type for a known field; and
-/// for the variants whose delta is not s * B @ A (each named): use_dora (DoRA), lora_bias, bias other
+/// for the variants whose delta is not s * B @ A (each named): use_dora (DoRA), bias other
 /// than "none" (trained biases are full tensors, not deltas), layer_replication, use_qalora (QALoRA),
 /// alora_invocation_tokens (aLoRA), use_bdlora (BD-LoRA), arrow_config (Arrow), kasa_config (KaSA),
 /// monteclora_config (MonteCLoRA), target_parameters (LoRA on nn.Parameter, MoE experts),
@@ -133,16 +134,25 @@ struct FullTensor {
 };
 
 /// What an adapter's tensors mean.
+/// A LoRA bias (lora_bias: true): the base bias changes by scale * lora_B.bias, as PEFT merges it.
+struct BiasDelta {
+  std::string target;   ///< base tensor name: module + ".bias"
+  std::string source;   ///< adapter tensor name: <module>.lora_B.bias
+  double scale = 1;     ///< the module's s
+};
+
 struct AdapterTensors {
   std::vector<LoraModule> modules;          ///< sorted by target
   std::vector<FullTensor> full_tensors;     ///< sorted by target
+  std::vector<BiasDelta> bias_deltas;       ///< sorted by target
   std::optional<std::string> adapter_name;  ///< the adapter name found in the keys, if they had one
 };
 
 /// Maps the tensors of an adapter file (name, dtype, shape; offsets unused) to LoRA modules and full
 /// tensors. `label` (the weights file) starts every message. Throws Error{kInvalidAdapter} naming the key
 /// for: a key that is none of the forms in the header comment (also lora_magnitude_vector: DoRA;
-/// lora_B.bias: lora_bias; keys naming two adapter names); an A without its B or a B without its A;
+/// lora_B.bias without "lora_bias": true, or one whose module has no LoRA factors or whose shape is
+/// not B's [out]; keys naming two adapter names); an A without its B or a B without its A;
 /// A/B shapes that do not fit (A rank < 2, B not [out, r(, 1...)], A's r != B's r), or an r other than
 /// the config's for that module (rank_pattern); a factor whose dtype is not a float dtype taskvec decodes
 /// (dtype_is_editable); two keys with the same target (e.g. LoRA and modules_to_save on one module).
