@@ -73,7 +73,8 @@ class Checkpoint {
   /// The folder of a folder/index checkpoint; nullopt for a single-file checkpoint.
   const std::optional<std::filesystem::path>& folder() const noexcept { return folder_; }
   /// Every input file the tensors are read from, sorted (the shards of a sharded folder; one path
-  /// for a single file). Outputs are never written over or inside these.
+  /// for a single file; for an adapter seen over a base, the base's files, the adapter's files and the
+  /// adapter folder). Outputs are never written over or inside these.
   const std::vector<std::filesystem::path>& files() const noexcept { return files_; }
   /// The format detected from the bytes: "safetensors", "pytorch", "lora" (see docs/FORMATS.md).
   const std::string& format() const noexcept { return format_; }
@@ -116,7 +117,7 @@ class Checkpoint {
   /// True for a PEFT LoRA adapter folder. Its tensors are named as the base model's: F32 deltas
   /// dW = s * B @ A (computed on demand, per chunk) for the LoRA modules, and the saved tensors of
   /// modules_to_save. Use it through adapter_over().
-  bool is_adapter() const noexcept { return adapter_ != nullptr; }
+  bool is_adapter() const noexcept { return adapter_ != nullptr && !derived_; }
   /// The adapter's base_model_name_or_path ("" when absent or not an adapter).
   std::string adapter_base_model() const;
   /// This adapter seen over `base`, as a checkpoint with every tensor of `base` (same names, shapes):
@@ -149,6 +150,7 @@ class Checkpoint {
   std::vector<std::filesystem::path> auxiliary_;
   std::vector<std::string> notes_;
   std::shared_ptr<const peft::OpenedAdapter> adapter_;
+  bool derived_ = false;  // made by adapter_over: keeps adapter_ alive but is not an adapter itself
   std::vector<std::shared_ptr<const TensorInfo>> owned_infos_;  // entries of derived checkpoints
 };
 

@@ -213,6 +213,9 @@ struct RecipeValue {
 
 struct RecipeModel {
   std::filesystem::path path;                   ///< resolved against the recipe's folder
+  /// A PEFT LoRA adapter applied to `path` (mergekit's `model: BASE+ADAPTER`, or an `adapter:` key): the
+  /// model merged is PATH + dW (Checkpoint::adapter_over, AdapterUse::kModel).
+  std::optional<std::filesystem::path> adapter;
   std::map<std::string, RecipeValue> params;    ///< model-scope parameters given for this model
 };
 
@@ -221,6 +224,7 @@ struct Recipe {
   std::filesystem::path file;                   ///< the recipe file ("<string>" when parsed from text)
   const MergeMethod* method = nullptr;
   std::optional<std::filesystem::path> base_model;
+  std::optional<std::filesystem::path> base_model_adapter;  ///< base_model: BASE+ADAPTER
   std::vector<RecipeModel> models;
   std::map<std::string, RecipeValue> params;    ///< global `parameters:` (also defaults of model-scope ones)
   std::optional<DType> dtype;                   ///< compute dtype as written (taskvec computes in f32)

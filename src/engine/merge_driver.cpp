@@ -127,10 +127,21 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   const detail::TensorFilter filter(options.include, options.exclude);
 
   // ---- open inputs ----
+  // MODEL+ADAPTER: the model PEFT's merge_and_unload would give, computed per chunk.
+  const auto open_model = [](const std::filesystem::path& path, const std::optional<std::filesystem::path>& adapter) {
+    Checkpoint model = Checkpoint::open(path);
+    if (!adapter) return model;
+    const Checkpoint lora = Checkpoint::open(*adapter);
+    if (!lora.is_adapter()) {
+      throw Error(ErrorCode::kInvalidAdapter, fmt::format("{}: not a PEFT adapter folder (no adapter_config.json), in "
+                                                          "'{}+{}'", adapter->string(), path.string(), adapter->string()));
+    }
+    return lora.adapter_over(model, AdapterUse::kModel);
+  };
   std::optional<Checkpoint> base;
-  if (recipe.base_model) base.emplace(Checkpoint::open(*recipe.base_model));
+  if (recipe.base_model) base.emplace(open_model(*recipe.base_model, recipe.base_model_adapter));
   std::vector<Checkpoint> models;
-  for (const auto& m : recipe.models) models.push_back(Checkpoint::open(m.path));
+  for (const auto& m : recipe.models) models.push_back(open_model(m.path, m.adapter));
   // Quantized storage and kinds of input: the checks linear edits make (input_check.cpp).
   std::vector<std::string> kind_warnings;
   if (base) {

@@ -264,6 +264,24 @@ std::filesystem::path parse_path(const Ctx& ctx, const YAML::Node& node, const s
   return p;
 }
 
+// A model reference as mergekit writes it: PATH, or PATH+ADAPTER (a PEFT LoRA adapter applied to PATH;
+// mergekit splits at '+', so a '+' always separates the two).
+std::pair<std::filesystem::path, std::optional<std::filesystem::path>> parse_model_ref(
+    const Ctx& ctx, const YAML::Node& node, const std::string& key, const std::filesystem::path& folder) {
+  if (!node.IsScalar() || node.Scalar().empty()) ctx.fail(node, key, "expected a path");
+  const std::string text = node.Scalar();
+  const auto plus = text.find('+');
+  if (plus == std::string::npos) return {parse_path(ctx, node, key, folder), std::nullopt};
+  if (text.find('+', plus + 1) != std::string::npos || plus == 0 || plus + 1 == text.size()) {
+    ctx.fail(node, key, "expected MODEL or MODEL+ADAPTER (one '+', as mergekit reads it), got '" + escape_control(text) + "'");
+  }
+  const auto resolve = [&](std::filesystem::path p) {
+    if (p.is_relative() && !folder.empty()) p = folder / p;
+    return p;
+  };
+  return {resolve(text.substr(0, plus)), resolve(text.substr(plus + 1))};
+}
+
 DType parse_dtype_key(const Ctx& ctx, const YAML::Node& node, const std::string& key) {
   if (!node.IsScalar()) ctx.fail(node, key, "expected a dtype name");
   const auto d = parse_dtype_user(node.Scalar());
@@ -521,7 +539,7 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     for (const auto& m : merge_methods()) names += (names.empty() ? "" : ", ") + std::string(m.name);
     ctx.fail(method, "merge_method", "unknown method '" + method.Scalar() + "' (known: " + names + ")");
   }
-  if (const auto base = root["base_model"]) r.base_model = parse_path(ctx, base, "base_model", folder);
+  if (const auto base = root["base_model"]) std::tie(r.base_model, r.base_model_adapter) = parse_model_ref(ctx, base, "base_model", folder);
   if (const auto seed = root["seed"]) {
     try {
       const auto s = seed.as<long long>();
@@ -547,15 +565,20 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     const std::string where = "models[" + std::to_string(i) + "]";
     RecipeModel m;
     if (item.IsScalar()) {
-      m.path = parse_path(ctx, item, where, folder);
+      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item, where, folder);
     } else {
       if (!item.IsMap()) ctx.fail(item, where, "expected {model: PATH, parameters: {...}}");
       for (const auto& kv : item) {
         const std::string k = kv.first.as<std::string>();
-        if (k != "model" && k != "parameters") ctx.fail(kv.first, where + "." + k, "unknown key (accepted: model, parameters)");
+        if (k != "model" && k != "parameters" && k != "adapter")
+          ctx.fail(kv.first, where + "." + k, "unknown key (accepted: model, adapter, parameters)");
       }
       if (!item["model"]) ctx.fail(item, where + ".model", "missing");
-      m.path = parse_path(ctx, item["model"], where + ".model", folder);
+      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item["model"], where + ".model", folder);
+      if (const auto a = item["adapter"]) {
+        if (m.adapter) ctx.fail(a, where + ".adapter", "given twice: in 'model: MODEL+ADAPTER' and in 'adapter:'");
+        m.adapter = parse_path(ctx, a, where + ".adapter", folder);
+      }
       if (const auto p = item["parameters"]; p && !p.IsNull())
         m.params = parse_params(ctx, p, where + ".parameters", *r.method, true);
     }

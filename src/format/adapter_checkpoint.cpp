@@ -79,7 +79,7 @@ Checkpoint Checkpoint::open_adapter(const fs::path& folder) {
 std::string Checkpoint::adapter_base_model() const { return adapter_ ? adapter_->config.base_model_name_or_path : ""; }
 
 Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) const {
-  if (!adapter_) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a PEFT adapter");
+  if (!is_adapter()) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a PEFT adapter");
   const std::string label = adapter_->files.weights.string();
   // Every target must be a tensor of the base, in one of the two orientations: checked before anything.
   std::map<std::string, const peft::AdapterTensor*> by_target;
@@ -110,13 +110,18 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
 
   Checkpoint out;
   out.path_ = path_;
-  out.folder_ = folder_;  // outputs are never written into the adapter folder
+  // kModel takes the base's folder (config, tokenizer); both list the adapter folder among files(), so
+  // no output is ever written into it.
+  out.folder_ = use == AdapterUse::kModel ? base.folder_ : folder_;
+  if (use == AdapterUse::kModel) out.auxiliary_ = base.auxiliary_;
+  out.derived_ = true;
   out.format_ = "lora";
   out.aliases_ = base.aliases_;
   out.sources_ = base.sources_;
   out.sources_.insert(out.sources_.end(), sources_.begin(), sources_.end());
   out.files_ = base.files_;
   out.files_.insert(out.files_.end(), files_.begin(), files_.end());
+  if (folder_) out.files_.push_back(*folder_);
   std::sort(out.files_.begin(), out.files_.end());
   out.names_ = base.names_;
   out.notes_ = notes_;

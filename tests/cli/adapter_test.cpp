@@ -119,6 +119,25 @@ TEST_F(AdapterCli, AnAdapterForAnotherModelIsRefusedNamingTheTensor) {
 }
 
 
+// mergekit's `model: BASE+ADAPTER` (and taskvec's `adapter:` key) merge the model the adapter defines,
+// base + dW: a linear merge of the base and base+adapter at 1:1 (normalized) is base + dW / 2.
+TEST_F(AdapterCli, RecipeModelPlusAdapterIsTheMergedModel) {
+  std::ofstream(dir / "plus.yaml") << "merge_method: linear\nmodels:\n  - model: base.safetensors\n    parameters: {weight: 1}\n"
+                                      "  - model: base.safetensors+adapter\n    parameters: {weight: 1}\n";
+  Result r = run("merge " + p("plus.yaml") + " -o " + p("plus.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  expect_applied("plus.safetensors", 0.5);
+  std::ofstream(dir / "key.yaml") << "merge_method: linear\nmodels:\n  - model: base.safetensors\n    adapter: adapter\n"
+                                     "    parameters: {weight: 1}\n";
+  r = run("merge " + p("key.yaml") + " -o " + p("key.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  expect_applied("key.safetensors", 1.0);
+  std::ofstream(dir / "bad.yaml") << "merge_method: linear\nmodels:\n  - model: base.safetensors+base.safetensors\n";
+  r = run("merge " + p("bad.yaml") + " -o " + p("bad.safetensors"), dir);
+  EXPECT_EQ(r.status, 4) << r.err;
+  EXPECT_NE(r.err.find("not a PEFT adapter folder"), std::string::npos) << r.err;
+}
+
 // extract-lora at full rank, then apply: the fine-tuned model comes back within f32 rounding. The LoRA
 // module (rank min(out, in)), its bias (lora_bias), a norm and the embeddings (modules_to_save) all take
 // part; the f64 reference is the fine-tuned values themselves.
