@@ -68,7 +68,7 @@ Checkpoint Checkpoint::open_adapter(const fs::path& folder) {
     ck.tensors_.emplace(t.info.name, CheckpointTensor{&t.info, t.source.get()});
     ck.sources_.push_back(t.source);
   }
-  ck.files_ = {opened->files.config, opened->files.weights};
+  ck.files_ = {opened->files.weights};  // the config is read by open; the folder is protected as folder()
   ck.names_.reserve(ck.tensors_.size());
   for (const auto& [name, t] : ck.tensors_) ck.names_.push_back(name);
   ck.metadata_[kMetaKind] = "lora_adapter";

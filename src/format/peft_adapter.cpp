@@ -1,5 +1,6 @@
 // taskvec format layer: PEFT LoRA adapters as task vectors (layout: peft_adapter.hpp).
 #include "format/peft_adapter.hpp"
+#include "format/pytorch_reader.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -602,8 +603,8 @@ AdapterFiles find_adapter_files(const std::filesystem::path& folder) {
   }
   if (std::filesystem::exists(files.weights, ec)) return files;
   if (std::filesystem::exists(folder / kAdapterBinName, ec)) {
-    throw Error(ErrorCode::kUnsupported, (folder / kAdapterBinName).string() +
-                                             ": PyTorch adapter weights are read once the PyTorch reader lands");
+    files.weights = folder / kAdapterBinName;
+    return files;
   }
   throw Error(ErrorCode::kIo, folder.string() + ": PEFT adapter folder without " + kAdapterSafetensorsName + " or " +
                                   kAdapterBinName);
@@ -681,7 +682,16 @@ OpenedAdapter open_adapter_folder(const std::filesystem::path& folder) {
   opened.config = parse_adapter_config(
       format_detail::read_folder_file(folder, opened.files.config, kMaxAdapterConfigSize, ErrorCode::kInvalidAdapter),
       opened.files.config.string());
-  const auto weights = format_detail::resolve_inside(folder, opened.files.weights, kAdapterSafetensorsName);
+  const auto weights = format_detail::resolve_inside(folder, opened.files.weights, opened.files.weights.filename().string());
+  if (opened.files.weights.filename() == kAdapterBinName) {
+    // adapter_model.bin: a PyTorch zip, read by the restricted unpickler (nothing is executed).
+    auto file = std::make_shared<const format_detail::PytorchFile>(format_detail::open_pytorch_file(weights));
+    opened.mapping = map_adapter_tensors(opened.config, file->tensors, opened.files.weights.string());
+    std::vector<TensorRef> refs;
+    for (const TensorInfo& t : file->tensors) refs.push_back({&t, file->source.get()});
+    opened.tensors = make_adapter_tensors(opened.mapping, refs, file);
+    return opened;
+  }
   auto source = std::make_shared<const SafetensorsFileSource>(SafetensorsFile::open(weights));
   const auto& infos = source->file().header().tensors;
   opened.mapping = map_adapter_tensors(opened.config, infos, opened.files.weights.string());

@@ -9,8 +9,8 @@
 //                                    "target_modules": ["q_proj", "v_proj"] | "regex", "modules_to_save": [...],
 //                                    "rank_pattern": {"pattern": r, ...}, "alpha_pattern": {"pattern": alpha, ...},
 //                                    "base_model_name_or_path": "...", ... (other fields ignored)}
-//     adapter_model.safetensors    the adapter's tensors (or adapter_model.bin, a PyTorch pickle: refused
-//                                  until the PyTorch reader lands)
+//     adapter_model.safetensors    the adapter's tensors (or adapter_model.bin, a PyTorch zip checkpoint,
+//                                  read by src/format/pytorch_reader.hpp)
 //
 // Tensor keys (the adapter name, "default", is removed on save by get_peft_model_state_dict; the
 // "base_model.model." prefix is absent in files written through transformers' integration):
@@ -250,8 +250,8 @@ struct AdapterFiles {
 bool is_adapter_folder(const std::filesystem::path& path) noexcept;
 
 /// Finds the files of the adapter folder `folder`. Throws Error{kIo} when adapter_config.json or any
-/// weights file is missing; Error{kUnsupported} when only adapter_model.bin is there ("PyTorch adapter
-/// weights are read once the PyTorch reader lands"). adapter_model.safetensors wins over .bin, as in PEFT.
+/// weights file is missing. adapter_model.safetensors wins over adapter_model.bin (a PyTorch zip, read
+/// by the restricted unpickler), as in PEFT.
 AdapterFiles find_adapter_files(const std::filesystem::path& folder);
 
 /// One tensor the adapter defines, under its base name.

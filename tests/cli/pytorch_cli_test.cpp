@@ -51,6 +51,15 @@ torch.save({'state_dict': pre, 'epoch': 3}, os.path.join(out, 'nested.pt'))
 for k in ('a.weight', 'b.weight'):
     want = (pre[k].float() + 2 * (ft[k].float() - pre[k].float())).to(pre[k].dtype).float()
     open(os.path.join(out, k + '.expected'), 'wb').write(want.contiguous().numpy().tobytes())
+# a PEFT adapter whose weights are adapter_model.bin: dW = (alpha / r) * B @ A on a.weight
+os.makedirs(os.path.join(out, 'lora'))
+A = torch.randn(2, 3, generator=g); B = torch.randn(4, 2, generator=g)
+torch.save({'base_model.model.a.lora_A.weight': A, 'base_model.model.a.lora_B.weight': B},
+           os.path.join(out, 'lora', 'adapter_model.bin'))
+json.dump({'peft_type': 'LORA', 'r': 2, 'lora_alpha': 4, 'target_modules': ['a'], 'bias': 'none'},
+          open(os.path.join(out, 'lora', 'adapter_config.json'), 'w'))
+want = (pre['a.weight'].double() + 0.5 * 2 * (B.double() @ A.double())).float()
+open(os.path.join(out, 'lora.expected'), 'wb').write(want.contiguous().numpy().tobytes())
 # a pickle whose REDUCE would call os.system: it must never run
 class Evil:
     def __reduce__(self):
@@ -92,6 +101,15 @@ TEST_F(PytorchCli, EditOfPytorchFoldersMatchesTorch) {
     for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 2 * ulp * std::abs(want[i]) + 1e-30) << name << i;
   }
   EXPECT_EQ(read_values(dir / "out.safetensors", "ids"), (std::vector<double>{0, 1, 2}));
+}
+
+TEST_F(PytorchCli, AnAdapterWithPytorchWeightsIsApplied) {
+  Result r = run("apply " + p("pre") + " -t " + p("lora") + ":0.5 -o " + p("lora.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto got = read_values(dir / "lora.safetensors", "a.weight");
+  const auto want = expected("lora");
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 4e-7 * std::abs(want[i]) + 1e-30) << i;
 }
 
 TEST_F(PytorchCli, InspectNamesTheFormatAndTheNestedKey) {

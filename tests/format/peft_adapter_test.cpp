@@ -415,7 +415,8 @@ TEST(PeftAdapter, Folders) {
   EXPECT_FALSE(is_adapter_folder(folder / kAdapterConfigName));
   expect_error([&] { (void)find_adapter_files(folder); }, ErrorCode::kIo, {"adapter_model.safetensors"});
   test::write_file(folder / kAdapterBinName, "PK");
-  expect_error([&] { (void)find_adapter_files(folder); }, ErrorCode::kUnsupported, {"adapter_model.bin", "PyTorch"});
+  EXPECT_EQ(find_adapter_files(folder).weights, folder / kAdapterBinName);  // a .bin alone is used
+  expect_error([&] { (void)open_adapter_folder(folder); }, ErrorCode::kInvalidArchive, {"adapter_model.bin"});
   test::write_float_safetensors(folder / kAdapterSafetensorsName,
                                 {{"base_model.model.q_proj.lora_A.weight", DType::kF32, {2, 4}, kA2x4},
                                  {"base_model.model.q_proj.lora_B.weight", DType::kF32, {3, 2}, kB3x2}});
