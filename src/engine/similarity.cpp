@@ -2,6 +2,7 @@
 // 64 Ki-element chunk produces f64 partial sums, combined in chunk order, so the result is the same for
 // any thread count.
 #include <algorithm>
+#include <deque>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -24,8 +25,25 @@ struct Chunk {
 }  // namespace
 
 SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
-                                        const std::vector<std::pair<std::string, const Checkpoint*>>& models,
+                                        const std::vector<std::pair<std::string, const Checkpoint*>>& given,
                                         const EditOptions& options) {
+  // A PEFT adapter is compared as the model it defines over the pretrained checkpoint (base + dW), so
+  // its task vector is dW: it needs the pretrained checkpoint.
+  std::deque<Checkpoint> adapters;
+  std::vector<std::pair<std::string, const Checkpoint*>> models;
+  for (const auto& [label, model] : given) {
+    if (!model->is_adapter()) {
+      models.emplace_back(label, model);
+      continue;
+    }
+    if (pretrained == nullptr) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("{} is a PEFT adapter: compare it with --base PRETRAINED (its task vector is its "
+                              "delta over that model)", model->path().string()));
+    }
+    adapters.push_back(model->adapter_over(*pretrained, AdapterUse::kModel));
+    models.emplace_back(label, &adapters.back());
+  }
   const std::size_t n = models.size();
   if (n == 0) throw Error(ErrorCode::kInvalidArgument, "similarity needs at least one model or task vector");
   const Checkpoint& first = pretrained ? *pretrained : *models.front().second;

@@ -3,6 +3,7 @@
 // from the factors by explicit loops: theta = base + lambda * (alpha / r) * B @ A, and for a
 // modules_to_save tensor theta = base + lambda * (saved - base).
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <fstream>
@@ -97,6 +98,20 @@ TEST_F(AdapterCli, TauOfAnAdapterAndTheAdapterAsAModelInEdit) {
           dir);
   ASSERT_EQ(r.status, 0) << r.err;
   expect_applied("mix.safetensors", 0.75);  // 0.75 (pre + tau) + 0.25 pre
+}
+
+// With --base, an adapter's task vector is its delta: the cosine with the task vector of the model
+// `apply` makes from it is 1; without --base it is refused.
+TEST_F(AdapterCli, SimilarityComparesTheAdaptersDelta) {
+  ASSERT_EQ(run("apply " + p("base.safetensors") + " -t " + p("adapter") + " --dtype float32 -o " + p("ft.safetensors"), dir).status, 0);
+  Result r = run("--json similarity --base " + p("base.safetensors") + " " + p("adapter") + " " + p("ft.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["compared"], "task_vectors");
+  EXPECT_NEAR(j["cosine"][0][1].get<double>(), 1.0, 1e-6) << r.out;
+  r = run("similarity " + p("adapter") + " " + p("ft.safetensors"), dir);
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("--base"), std::string::npos) << r.err;
 }
 
 TEST_F(AdapterCli, InspectListsTheDeltasUnderBaseNames) {
