@@ -230,7 +230,7 @@ TensorFile open_tensor_file(const fs::path& path) {
   auto file = SafetensorsFile::open(path);
   for (const auto& t : file->header().tensors) out.tensors.push_back(&t);
   out.metadata = file->header().metadata;
-  out.source = std::make_shared<peft::SafetensorsFileSource>(std::move(file));
+  out.source = std::make_shared<format_detail::SafetensorsFileSource>(std::move(file));
   return out;
 }
 

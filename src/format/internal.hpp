@@ -58,6 +58,21 @@ std::string read_folder_file(const std::filesystem::path& folder, const std::fil
 std::filesystem::path resolve_inside(const std::filesystem::path& folder, const std::filesystem::path& path,
                                      const std::string& what);
 
+/// A TensorSource over one opened safetensors file: read() is one pread (MappedFile::read_at) at the
+/// tensor's offset. Throws Error{kInvalidArgument} for a range outside the tensor, Error{kIo} on a
+/// failed read.
+class SafetensorsFileSource final : public TensorSource {
+ public:
+  explicit SafetensorsFileSource(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {}
+  const std::filesystem::path& path() const noexcept override { return file_->path(); }
+  std::string_view format() const noexcept override { return "safetensors"; }
+  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override;
+  const SafetensorsFile& file() const noexcept { return *file_; }
+
+ private:
+  std::shared_ptr<const SafetensorsFile> file_;
+};
+
 /// One opened tensor file of any format, as Checkpoint::open assembles them: its source (which owns
 /// the TensorInfos), its tensors sorted by name, its metadata (safetensors __metadata__) and notes for
 /// the user (Checkpoint::notes).

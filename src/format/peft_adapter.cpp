@@ -582,13 +582,6 @@ void LoraProductSource::read(const TensorInfo& info, std::uint64_t byte_offset, 
 
 // ---- sources and folders ------------------------------------------------------------------------
 
-void SafetensorsFileSource::read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const {
-  if (byte_offset > info.num_bytes() || dst.size() > info.num_bytes() - byte_offset) {
-    throw Error(ErrorCode::kInvalidArgument, file_->path().string() + ": tensor " + quote_name(info.name) +
-                                                 ": read past its " + std::to_string(info.num_bytes()) + " bytes");
-  }
-  file_->mapped().read_at(file_->tensor_file_offset(info) + byte_offset, dst);
-}
 
 bool is_adapter_folder(const std::filesystem::path& path) noexcept {
   std::error_code ec;

@@ -48,6 +48,7 @@
 #include <utility>
 #include <vector>
 
+#include "format/internal.hpp"  // SafetensorsFileSource
 #include "taskvec/safetensors.hpp"
 #include "taskvec/tensor_source.hpp"
 
@@ -226,18 +227,7 @@ class RenamedSource final : public TensorSource {
   std::shared_ptr<const void> keep_alive_;
 };
 
-/// A TensorSource over one opened safetensors file (pread through MappedFile::read_at).
-class SafetensorsFileSource final : public TensorSource {
- public:
-  explicit SafetensorsFileSource(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {}
-  const std::filesystem::path& path() const noexcept override { return file_->path(); }
-  std::string_view format() const noexcept override { return "safetensors"; }
-  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override;
-  const SafetensorsFile& file() const noexcept { return *file_; }
-
- private:
-  std::shared_ptr<const SafetensorsFile> file_;
-};
+using format_detail::SafetensorsFileSource;
 
 /// The files of an adapter folder.
 struct AdapterFiles {

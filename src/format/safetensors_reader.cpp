@@ -271,4 +271,16 @@ std::span<const std::byte> SafetensorsFile::tensor_bytes(const TensorInfo& info)
                                static_cast<std::size_t>(info.data_end - info.data_begin));
 }
 
+namespace format_detail {
+
+void SafetensorsFileSource::read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const {
+  if (byte_offset > info.num_bytes() || dst.size() > info.num_bytes() - byte_offset) {
+    throw Error(ErrorCode::kInvalidArgument, file_->path().string() + ": tensor " + quote_name(info.name) +
+                                                 ": read past its " + std::to_string(info.num_bytes()) + " bytes");
+  }
+  file_->mapped().read_at(file_->tensor_file_offset(info) + byte_offset, dst);
+}
+
+}  // namespace format_detail
+
 }  // namespace taskvec
