@@ -343,8 +343,12 @@ void write_values(const Entry& e, bool tau, const std::string& out_name, const C
 
 }  // namespace
 
-LoraReport extract_lora(const Checkpoint& base, const Checkpoint& finetuned, const fs::path& output,
+LoraReport extract_lora(const Checkpoint& base, const Checkpoint& given_finetuned, const fs::path& output,
                         const LoraOptions& options) {
+  // An adapter as FINETUNED is re-factorized: the model it defines over BASE.
+  detail::require_model(base, "BASE of extract-lora");
+  std::optional<Checkpoint> adapter_model;
+  const Checkpoint& finetuned = detail::as_model(given_finetuned, base, adapter_model);
   const auto start = std::chrono::steady_clock::now();
   // ---- 1. checks (nothing read but headers, 1-D tensors and tensors saved whole) ----
   if (options.rank < 1) throw Error(ErrorCode::kInvalidArgument, "--rank must be at least 1");

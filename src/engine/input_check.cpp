@@ -182,6 +182,21 @@ std::string checkpoint_kind(const Checkpoint& ckpt) {
   return it == ckpt.metadata().end() ? std::string() : it->second;
 }
 
+void require_model(const Checkpoint& ckpt, const std::string& role) {
+  if (!ckpt.is_adapter()) return;
+  throw Error(ErrorCode::kInvalidArgument,
+              fmt::format("{} is a PEFT adapter (deltas only), not a model, but is used as {}: give the model it was "
+                          "trained on there, and the adapter as a task vector (apply -t ADAPTER, tau(NAME) in edit, "
+                          "model: BASE+ADAPTER in a recipe)",
+                          ckpt.path().string(), role));
+}
+
+const Checkpoint& as_model(const Checkpoint& ckpt, const Checkpoint& base, std::optional<Checkpoint>& holder) {
+  if (!ckpt.is_adapter()) return ckpt;
+  holder.emplace(ckpt.adapter_over(base, AdapterUse::kModel));
+  return *holder;
+}
+
 std::optional<std::string> adapter_base_note(const Checkpoint& adapter, const Checkpoint& base) {
   const std::string recorded = adapter.adapter_base_model();
   if (recorded.empty()) return std::nullopt;

@@ -160,6 +160,14 @@ void check_not_quantized(const Checkpoint& ckpt);
 /// The value of __metadata__ taskvec.kind ("task_vector" for files written by diff), or "" when absent.
 std::string checkpoint_kind(const Checkpoint& ckpt);
 
+/// Throws Error{kInvalidArgument} when `ckpt` is a PEFT adapter, which has only deltas, used where a
+/// model is needed (`role`, e.g. "the pretrained checkpoint of apply"); the message says how to use it.
+void require_model(const Checkpoint& ckpt, const std::string& role);
+
+/// `ckpt` as a model over `base`: an adapter becomes base + its delta (stored in `holder`); anything
+/// else is returned as is.
+const Checkpoint& as_model(const Checkpoint& ckpt, const Checkpoint& base, std::optional<Checkpoint>& holder);
+
 /// For a PEFT adapter applied to `base`: a note naming the base model the adapter records
 /// (base_model_name_or_path) when it is not the folder name of `base`, so a user can see a mismatch;
 /// nullopt otherwise. Shapes are checked by Checkpoint::adapter_over.

@@ -679,8 +679,12 @@ EditReport linear_edit(const Checkpoint& base, double base_scale, const std::vec
   return Engine(base, base_scale, terms, options, DtypePolicy::kBase).run(output, base.metadata());
 }
 
-EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& finetuned, const std::filesystem::path& output,
-                            const EditOptions& options) {
+EditReport make_task_vector(const Checkpoint& pretrained, const Checkpoint& given_finetuned,
+                            const std::filesystem::path& output, const EditOptions& options) {
+  // An adapter as FINETUNED: the model it defines over PRETRAINED, so the result is its dense delta.
+  detail::require_model(pretrained, "PRETRAINED of diff");
+  std::optional<Checkpoint> adapter_model;
+  const Checkpoint& finetuned = detail::as_model(given_finetuned, pretrained, adapter_model);
   // A task vector as either side makes a difference of a difference: refused unless --force.
   std::vector<std::string> warnings;
   for (const auto& [ckpt, role] : {std::pair{&pretrained, "PRETRAINED"}, std::pair{&finetuned, "FINETUNED"}}) {
@@ -711,6 +715,7 @@ EditReport apply_task_vectors(const Checkpoint& pretrained, const std::vector<st
                               const std::filesystem::path& output, const EditOptions& options) {
   std::vector<LinearTerm> terms;
   std::vector<std::string> warnings;
+  detail::require_model(pretrained, "the pretrained checkpoint of apply");
   if (auto w = detail::task_vector_as_model_warning(pretrained, "the pretrained checkpoint")) warnings.push_back(*w);
   std::string fingerprint;
   std::deque<Checkpoint> adapters;  // adapters completed over the pretrained checkpoint (stable addresses)

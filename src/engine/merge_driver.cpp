@@ -130,7 +130,10 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   // MODEL+ADAPTER: the model PEFT's merge_and_unload would give, computed per chunk.
   const auto open_model = [](const std::filesystem::path& path, const std::optional<std::filesystem::path>& adapter) {
     Checkpoint model = Checkpoint::open(path);
-    if (!adapter) return model;
+    if (!adapter) {
+      detail::require_model(model, "a model of the recipe (write BASE+ADAPTER for an adapter)");
+      return model;
+    }
     const Checkpoint lora = Checkpoint::open(*adapter);
     if (!lora.is_adapter()) {
       throw Error(ErrorCode::kInvalidAdapter, fmt::format("{}: not a PEFT adapter folder (no adapter_config.json), in "

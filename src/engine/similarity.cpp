@@ -29,6 +29,7 @@ SimilarityReport task_vector_similarity(const Checkpoint* pretrained,
                                         const EditOptions& options) {
   // A PEFT adapter is compared as the model it defines over the pretrained checkpoint (base + dW), so
   // its task vector is dW: it needs the pretrained checkpoint.
+  if (pretrained) detail::require_model(*pretrained, "the --base of similarity");
   std::deque<Checkpoint> adapters;
   std::vector<std::pair<std::string, const Checkpoint*>> models;
   for (const auto& [label, model] : given) {

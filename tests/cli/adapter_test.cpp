@@ -153,6 +153,24 @@ TEST_F(AdapterCli, RecipeModelPlusAdapterIsTheMergedModel) {
   EXPECT_NE(r.err.find("not a PEFT adapter folder"), std::string::npos) << r.err;
 }
 
+// An adapter where a model is expected: `diff BASE ADAPTER` writes its dense task vector,
+// `extract-lora BASE ADAPTER` re-factorizes it; as the pretrained model it is refused.
+TEST_F(AdapterCli, DiffAndExtractLoraTakeAnAdapterAsTheFineTune) {
+  Result r = run("diff " + p("base.safetensors") + " " + p("adapter") + " -o " + p("tau.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  r = run("apply " + p("base.safetensors") + " -t " + p("tau.safetensors") + ":0.5 -o " + p("dense.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  expect_applied("dense.safetensors", 0.5);
+  r = run("extract-lora " + p("base.safetensors") + " " + p("adapter") + " --rank 2 -o " + p("again"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  r = run("apply " + p("base.safetensors") + " -t " + p("again") + ":0.5 -o " + p("again.safetensors"), dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  expect_applied("again.safetensors", 0.5);
+  r = run("apply " + p("adapter") + " -t " + p("tau.safetensors") + " -o " + p("x.safetensors"), dir);
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("is a PEFT adapter (deltas only), not a model"), std::string::npos) << r.err;
+}
+
 // extract-lora at full rank, then apply: the fine-tuned model comes back within f32 rounding. The LoRA
 // module (rank min(out, in)), its bias (lora_bias), a norm and the embeddings (modules_to_save) all take
 // part; the f64 reference is the fine-tuned values themselves.
