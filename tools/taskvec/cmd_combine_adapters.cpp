@@ -52,8 +52,8 @@ void print_combine_report(const CombineAdaptersReport& report, const std::vector
              "saved whole, {} bytes of tensors, in {:.2f} s{}\n",
              report.output.string(), report.r, report.target_modules.size(), report.modules_to_save.size(),
              report.bytes_written, report.seconds, ranked ? "" : " (exact: factors concatenated)");
-  fmt::print("  {:<52} {:<16} {:<16} {:>6} {:>5} {:>12} {:>7}\n", "tensor", "kind", "shape", "inputs", "rank",
-             "rel. error", "from");
+  fmt::print("  {:<52} {:<16} {:<16} {:>6} {:>5} {:>12} {:>7}\n", "tensor", "kind", "shape", "sum r", "rank",
+             "rel. error", "-t #");
   for (const auto& m : report.modules) {
     const bool factored = m.kind == "lora" || m.kind == "lora_embedding";
     fmt::print("  {:<52} {:<16} {:<16} {:>6} {:>5} {:>12} {:>7}\n", m.tensor, m.kind,
