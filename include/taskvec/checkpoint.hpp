@@ -118,6 +118,9 @@ class Checkpoint {
   /// dW = s * B @ A (computed on demand, per chunk) for the LoRA modules, and the saved tensors of
   /// modules_to_save. Use it through adapter_over().
   bool is_adapter() const noexcept { return adapter_ != nullptr && !derived_; }
+  /// The opened adapter (config, tensor mapping, factor sources) when is_adapter(), else nullptr. Lives
+  /// as long as this Checkpoint (or any copy of it). Defined in src/format/peft_adapter.hpp.
+  const peft::OpenedAdapter* adapter() const noexcept { return is_adapter() ? adapter_.get() : nullptr; }
   /// The adapter's base_model_name_or_path ("" when absent or not an adapter).
   std::string adapter_base_model() const;
   /// This adapter seen over `base`, as a checkpoint with every tensor of `base` (same names, shapes):

@@ -100,4 +100,68 @@ struct LoraReport {
 LoraReport extract_lora(const Checkpoint& base, const Checkpoint& finetuned, const std::filesystem::path& output,
                         const LoraOptions& options);
 
+/// One input of combine_adapters: a PEFT LoRA adapter (Checkpoint::open of an adapter folder) and its
+/// coefficient lambda.
+struct AdapterTerm {
+  const Checkpoint* adapter = nullptr;
+  double lambda = 1;
+};
+
+struct CombineAdaptersOptions {
+  /// 0: exact, every module's factors concatenated (rank = sum of the inputs' ranks of that module).
+  /// R >= 1: each module's combined dW re-factored by a truncated SVD to rank min(R, sum r_i, rows, cols).
+  int rank = 0;
+  /// Dtype of the written factors and bias: F32 (default), BF16 or F16. Values computed in f64, rounded
+  /// once. modules_to_save tensors are copied with their own dtype.
+  std::optional<DType> out_dtype;
+  LoraSvdMethod svd = LoraSvdMethod::kAuto;  ///< with rank >= 1 (as extract_lora)
+  std::string base_model_name;  ///< base_model_name_or_path; empty = the first input's, if any
+  bool force = false;           ///< replace an existing adapter in the output folder
+};
+
+/// What happened to one module (or bias / saved tensor) of the combination.
+struct CombinedModuleReport {
+  std::string tensor;                 ///< the base tensor it changes, e.g. "model.layers.0.q_proj.weight"
+  std::string module;                 ///< its module path
+  std::string kind;                   ///< "lora", "lora_embedding", "lora_bias", "modules_to_save"
+  std::vector<std::uint64_t> shape;   ///< of dW (base-weight orientation), or of the bias / saved tensor
+  std::vector<std::size_t> inputs;    ///< indices of the terms that have it
+  int input_rank = 0;                 ///< sum of those inputs' ranks ("lora", "lora_embedding")
+  int rank = 0;                       ///< rank written
+  /// With rank >= 1: ||dW||_F of the combination and ||dW - B A||_F / ||dW||_F of the truncation
+  /// (computed as extract_lora's LoraTensorReport::relative_error); 0 for the exact concatenation.
+  double delta_norm = 0;
+  double relative_error = 0;
+  bool randomized = false;
+};
+
+struct CombineAdaptersReport {
+  std::filesystem::path output;
+  int r = 0;                                  ///< adapter_config.json r (= lora_alpha): the largest rank
+  std::vector<CombinedModuleReport> modules;  ///< by tensor name
+  std::vector<std::string> target_modules, modules_to_save;
+  std::string adapter_config;                 ///< the adapter_config.json text written
+  std::uint64_t bytes_written = 0;
+  double seconds = 0;
+};
+
+/// Writes sum_i lambda_i * adapter_i as one PEFT LoRA adapter folder `output` (adapter_model.safetensors
+/// + adapter_config.json). For a module of dW_i = s_i B_i A_i (B_i [out, r_i], A_i [r_i, in]; embedding
+/// and fan_in_fan_out modules the same in factor orientation, dW = (B A)^T):
+///   sum_i lambda_i s_i B_i A_i = [lambda_1 s_1 B_1 | ... | lambda_k s_k B_k] [A_1; ...; A_k]
+/// exactly, so without options.rank the output has B = the concatenated scaled B's [out, sum r_i] and
+/// A = the stacked A's [sum r_i, in], over the inputs that have the module; lora_alpha = r per module
+/// (scale 1). With options.rank the combined dW (materialized in f64, rows x cols doubles per module)
+/// is factored by detail::truncated_svd: B = U diag(sigma), A = V^T. lora_B.bias deltas combine as
+/// sum_i lambda_i s_i bias_i. A modules_to_save tensor is copied only when exactly one input has it and
+/// its lambda is 1 (a combination of full tensors needs the base); else Error{kInvalidArgument} naming
+/// the module. Every check runs before any output exists: Error{kInvalidArgument} (no terms, a term that
+/// is not an adapter, rank < 0, a dtype other than F32/BF16/F16, a non-finite lambda), kShapeMismatch
+/// (a module whose shape or kind differs between two inputs, naming both files and the module),
+/// kUnsupported (fan_in_fan_out disagreeing on a module or across the output; a module with a saved
+/// base_layer copy; dimensions beyond LAPACK's int), kOutputExists (output inside an input folder, or
+/// existing without force), kOverflow (a value beyond F16), and what reading the inputs and writing throws.
+CombineAdaptersReport combine_adapters(const std::vector<AdapterTerm>& terms, const std::filesystem::path& output,
+                                       const CombineAdaptersOptions& options);
+
 }  // namespace taskvec

@@ -20,8 +20,8 @@
 #include <set>
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
+#include "engine/adapter_output.hpp"
 #include "engine/internal.hpp"
 #include "engine/parallel.hpp"
 #include "engine/svd.hpp"
@@ -35,19 +35,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kPrefix = "base_model.model.";
-constexpr const char* kAdapterFile = "adapter_model.safetensors";
-constexpr const char* kConfigFile = "adapter_config.json";
+constexpr const char* kPrefix = detail::kAdapterPrefix;
+constexpr const char* kConfigFile = detail::kAdapterConfigFile;
 constexpr std::uint64_t kPiece = 1 << 16;  // elements decoded / encoded at a time outside the SVD
 
 // The only place that names the file a tensor lives in (for messages and the writer's protection).
 fs::path file_of(const CheckpointTensor& t) { return t.file(); }
-
-std::vector<fs::path> input_paths(const Checkpoint& c) {
-  std::set<fs::path> files{c.path()};
-  for (const auto& name : c.tensor_names()) files.insert(file_of(c.at(name)));
-  return {files.begin(), files.end()};
-}
 
 // Module leaves taken for embeddings (mergekit: the model's input / output embeddings and every
 // nn.Embedding; taskvec sees no module types, so it goes by these names).
@@ -161,45 +154,6 @@ fs::path existing_ancestor(const fs::path& output) {
     p = p.parent_path();
   }
   return p.empty() ? fs::path(".") : p;
-}
-
-// Before any SVD: the output must not be in an input folder, and must not replace anything without
-// force (CheckpointWriter checks the same again when it is created, at the end).
-void check_output(const fs::path& output, const std::vector<const Checkpoint*>& inputs, bool force) {
-  if (output.extension() == ".safetensors") {
-    throw Error(ErrorCode::kInvalidArgument, output.string() + ": an adapter is a folder (it receives " +
-                                                 kAdapterFile + " and " + kConfigFile + "), not a .safetensors file");
-  }
-  std::error_code ec;
-  const fs::path out = fs::weakly_canonical(fs::absolute(output, ec), ec);
-  for (const Checkpoint* c : inputs) {
-    if (c->folder()) {
-      const fs::path root = fs::canonical(*c->folder(), ec);
-      if (!ec && format_detail::path_inside(root, out)) {
-        throw Error(ErrorCode::kOutputExists,
-                    fmt::format("{}: the output {} the input checkpoint folder {}; writing there would replace or "
-                                "shadow that input's files, so it is refused whatever the flags (--force does not "
-                                "change this): choose an output path outside it",
-                                output.string(), out == root ? "is" : "is inside", root.string()));
-      }
-    }
-    for (const auto& f : input_paths(*c)) {
-      if (format_detail::same_path(f, output)) {
-        throw Error(ErrorCode::kOutputExists,
-                    output.string() + ": the output would overwrite the input " + f.string() + " (refused even with --force)");
-      }
-    }
-  }
-  if (fs::exists(output, ec) && !fs::is_directory(output, ec)) {
-    throw Error(ErrorCode::kOutputExists, output.string() + ": exists and is not a folder");
-  }
-  if (!force) {
-    for (const char* name : {kAdapterFile, kConfigFile}) {
-      if (fs::exists(fs::symlink_status(output / name, ec))) {
-        throw Error(ErrorCode::kOutputExists, (output / name).string() + ": already exists (use --force to replace it)");
-      }
-    }
-  }
 }
 
 bool values_equal(const CheckpointTensor& a, const CheckpointTensor& b) {
@@ -407,7 +361,7 @@ LoraReport extract_lora(const Checkpoint& base, const Checkpoint& given_finetune
   for (const auto& name : finetuned.tensor_names()) {
     if (filter.selects(name) && base.find(name) == nullptr) detail::throw_extra_tensor(name, finetuned, base, "");
   }
-  check_output(output, {&base, &finetuned}, options.force);
+  detail::check_adapter_output(output, {&base, &finetuned}, options.force);
 
   // Which modules have a matrix that may become a LoRA; their other changed tensors besides the bias
   // cannot be expressed (a module is either a LoRA target or saved whole). Tensors saved whole and
@@ -555,47 +509,20 @@ LoraReport extract_lora(const Checkpoint& base, const Checkpoint& given_finetune
   report.target_modules.assign(targets.begin(), targets.end());
   report.modules_to_save.assign(saved_whole.begin(), saved_whole.end());
 
-  nlohmann::json pattern = nlohmann::json::object();
-  for (const auto& [m, r] : ranks)
-    if (r != report.r) pattern[m] = r;
-  nlohmann::json config = {
-      {"alpha_pattern", pattern},
-      {"auto_mapping", nullptr},
-      {"base_model_name_or_path", options.base_model_name.empty() ? base.path().string() : options.base_model_name},
-      {"bias", "none"},
-      {"fan_in_fan_out", false},
-      {"inference_mode", true},
-      {"init_lora_weights", true},
-      {"layers_pattern", nullptr},
-      {"layers_to_transform", nullptr},
-      {"lora_alpha", report.r},
-      {"lora_bias", lora_bias},
-      {"lora_dropout", 0.0},
-      {"modules_to_save", report.modules_to_save.empty() ? nlohmann::json(nullptr)
-                                                         : nlohmann::json(report.modules_to_save)},
-      {"peft_type", "LORA"},
-      {"r", report.r},
-      {"rank_pattern", pattern},
-      {"revision", nullptr},
-      {"target_modules", report.target_modules},
-      {"task_type", options.task_type.empty() ? nlohmann::json(nullptr) : nlohmann::json(options.task_type)},
-      {"use_dora", false},
-      {"use_rslora", false},
-  };
-  report.adapter_config = config.dump(2) + "\n";
+  detail::AdapterConfigFields fields;
+  fields.r = report.r;
+  fields.module_ranks = ranks;
+  fields.target_modules = report.target_modules;
+  fields.modules_to_save = report.modules_to_save;
+  fields.lora_bias = lora_bias;
+  fields.base_model_name = options.base_model_name.empty() ? base.path().string() : options.base_model_name;
+  fields.task_type = options.task_type;
+  report.adapter_config = detail::adapter_config_text(fields);
 
-  CheckpointWriteOptions write;
-  write.max_shard_size = UINT64_MAX;
-  write.force = options.force;
-  CheckpointPlan plan = CheckpointPlan::build(output, std::move(specs), {{"format", "pt"}}, write);
-  if (!plan.is_folder || plan.shards.size() != 1) {
-    throw Error(ErrorCode::kInternal, output.string() + ": the adapter plan is not one file in a folder");
-  }
-  plan.shards[0].path = output / kAdapterFile;
-  report.bytes_written = plan.total_bytes;
-  std::vector<fs::path> inputs = input_paths(base);
-  for (auto& f : input_paths(finetuned)) inputs.push_back(std::move(f));
-  CheckpointWriter writer(std::move(plan), write, inputs);
+  std::vector<fs::path> inputs = detail::adapter_input_paths(base);
+  for (auto& f : detail::adapter_input_paths(finetuned)) inputs.push_back(std::move(f));
+  const auto writer_ptr = detail::make_adapter_writer(output, std::move(specs), options.force, inputs, report.bytes_written);
+  const CheckpointWriter& writer = *writer_ptr;
   std::vector<std::byte> buf;
   for (std::size_t i = 0; i < entries.size(); ++i) {
     const Entry& e = entries[i];
@@ -617,7 +544,7 @@ LoraReport extract_lora(const Checkpoint& base, const Checkpoint& given_finetune
   }
   for (std::size_t k = 0; k < value_tensors.size(); ++k)
     write_values(*value_tensors[k].first, value_is_tau[k], value_tensors[k].second, writer);
-  writer.commit({}, {{kConfigFile, report.adapter_config}});
+  writer_ptr->commit({}, {{kConfigFile, report.adapter_config}});
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
 }

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <functional>
 #include <string>
+#include <utility>
 
 #include "taskvec/engine.hpp"
 
@@ -35,6 +36,9 @@ void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear = true);
 void finish_edit_options(EditFlags& flags, const GlobalFlags& global);
 /// Parses a byte size: plain bytes, or a number with KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB.
 std::uint64_t parse_size(const std::string& text);
+/// "path:lambda" -> (path, lambda), lambda 1 without ':'; the last ':' separates, so paths may contain
+/// ':'. Throws Error{kInvalidArgument} for a coefficient that is not a finite number.
+std::pair<std::string, double> split_term(const std::string& text);
 /// Prints an EditReport: a human summary (or the dry-run plan) on stdout, or JSON with --json.
 void print_edit_report(const EditReport& report, const GlobalFlags& global, bool dry_run);
 
@@ -47,5 +51,6 @@ void add_edit_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_similarity_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_extract_lora_command(CLI::App& app, const GlobalFlags& global, Action& action);
+void add_combine_adapters_command(CLI::App& app, const GlobalFlags& global, Action& action);
 
 }  // namespace taskvec::cli

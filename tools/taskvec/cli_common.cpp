@@ -171,4 +171,17 @@ void print_edit_report(const EditReport& report, const GlobalFlags& global, bool
   if (!report.auxiliary_files.empty()) fmt::print("  with {}\n", fmt::join(report.auxiliary_files, ", "));
 }
 
+std::pair<std::string, double> split_term(const std::string& text) {
+  auto colon = text.rfind(':');
+  if (colon == std::string::npos) return {text, 1.0};
+  std::string number = text.substr(colon + 1);
+  char* end = nullptr;
+  double value = std::strtod(number.c_str(), &end);
+  if (number.empty() || end != number.c_str() + number.size() || !std::isfinite(value)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("-t '{}': the scaling coefficient after ':' must be a number, e.g. tau.safetensors:-0.5", text));
+  }
+  return {text.substr(0, colon), value};
+}
+
 }  // namespace taskvec::cli

@@ -9,24 +9,6 @@
 
 namespace taskvec::cli {
 
-namespace {
-
-// "path:lambda" -> (path, lambda); the last ':' separates, so paths may contain ':'.
-std::pair<std::string, double> split_term(const std::string& text) {
-  auto colon = text.rfind(':');
-  if (colon == std::string::npos) return {text, 1.0};
-  std::string number = text.substr(colon + 1);
-  char* end = nullptr;
-  double value = std::strtod(number.c_str(), &end);
-  if (number.empty() || end != number.c_str() + number.size() || !std::isfinite(value)) {
-    throw Error(ErrorCode::kInvalidArgument,
-                fmt::format("-t '{}': the scaling coefficient after ':' must be a number, e.g. tau.safetensors:-0.5", text));
-  }
-  return {text.substr(0, colon), value};
-}
-
-}  // namespace
-
 void add_apply_command(CLI::App& app, const GlobalFlags& global, Action& action) {
   auto* cmd = app.add_subcommand("apply", "theta = pretrained + sum lambda_i * tau_i (negative lambda negates: forgetting)");
   struct Args {
