@@ -9,7 +9,7 @@
 namespace taskvec::cli {
 
 void add_validate_command(CLI::App& app, const GlobalFlags& global, Action& action) {
-  auto* cmd = app.add_subcommand("validate", "Check every safetensors and index rule; exit 0 only when valid");
+  auto* cmd = app.add_subcommand("validate", "Check every rule of the checkpoint's format (safetensors, PyTorch, PEFT adapter) and index; exit 0 only when valid");
   auto path = std::make_shared<std::string>();
   cmd->add_option("checkpoint", *path, "A .safetensors file, an index .json, or a Hugging Face folder")->required();
   cmd->callback([&global, &action, path] {
