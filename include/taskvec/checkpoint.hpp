@@ -65,7 +65,9 @@ class Checkpoint {
   /// .bin/.pt/.pth file.
   /// For an index: every shard must exist (kShardMissing) and lie inside the folder, symlinks resolved
   /// (kShardEscapes, checked before the shard is opened); every tensor must be in exactly one shard and
-  /// the weight_map must agree with the shard headers both ways (kInvalidIndex). Throws Error.
+  /// the weight_map must agree with the shard headers both ways (kInvalidIndex). A PyTorch file throws
+  /// what its reader finds (kInvalidArchive, kInvalidPickle, kUnsafePickle naming the refused global,
+  /// kUnsupported for a legacy pre-1.6 file or GGUF), an adapter folder kInvalidAdapter. Throws Error.
   static Checkpoint open(const std::filesystem::path& path);
 
   /// The path as given by the user (for messages).
