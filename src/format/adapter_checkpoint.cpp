@@ -20,43 +20,8 @@ namespace taskvec {
 namespace fs = std::filesystem;
 using format_detail::quote_name;
 
-namespace {
-
-// sum_i c_i * x_i over tensors of one shape, element by element, in f64 (each input decoded exactly),
-// rounded once to F32. No inputs: zeros. Memory per read(): the requested elements, once per input.
-class CombinedSource final : public TensorSource {
- public:
-  CombinedSource(const fs::path& path, std::vector<std::pair<double, CheckpointTensor>> terms)
-      : path_(path), terms_(std::move(terms)) {}
-  const fs::path& path() const noexcept override { return path_; }
-  std::string_view format() const noexcept override { return "lora"; }
-  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
-    if (dst.empty()) return;
-    const std::uint64_t first = byte_offset / 4;
-    const std::uint64_t last = (byte_offset + dst.size() + 3) / 4;  // exclusive
-    const std::uint64_t n = last - first;
-    std::vector<double> acc(n, 0.0), x;
-    std::vector<std::byte> raw;
-    for (const auto& [c, t] : terms_) {
-      const std::uint64_t size = dtype_bits(t.info->dtype) / 8;
-      raw.resize(n * size);
-      x.resize(n);
-      t.read(first * size, raw);
-      decode_to_f64(t.info->dtype, raw.data(), x.data(), n);
-      for (std::uint64_t i = 0; i < n; ++i) acc[i] += c * x[i];
-    }
-    std::vector<std::byte> out(n * 4);
-    encode_from_f64(DType::kF32, acc.data(), out.data(), n);
-    std::copy_n(out.begin() + static_cast<std::ptrdiff_t>(byte_offset - first * 4), dst.size(), dst.begin());
-    (void)info;
-  }
-
- private:
-  fs::path path_;
-  std::vector<std::pair<double, CheckpointTensor>> terms_;
-};
-
-}  // namespace
+using peft::CombinedSource;
+using Terms = std::vector<std::pair<double, peft::TensorRef>>;
 
 Checkpoint Checkpoint::open_adapter(const fs::path& folder) {
   auto opened = std::make_shared<peft::OpenedAdapter>(peft::open_adapter_folder(folder));
@@ -157,7 +122,7 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
       if (use == AdapterUse::kModel || !dtype_is_editable(b.info->dtype)) {
         out.tensors_.emplace(name, b);  // unchanged: the base tensor itself
       } else {
-        add(name, f32_info(name, b.info->shape), std::make_shared<CombinedSource>(b.file(), std::vector<std::pair<double, CheckpointTensor>>{}));
+        add(name, f32_info(name, b.info->shape), std::make_shared<CombinedSource>(b.file(), Terms{}));
       }
       continue;
     }
@@ -168,7 +133,7 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
         out.tensors_.emplace(name, own);
       } else {
         add(name, f32_info(name, b.info->shape),
-            std::make_shared<CombinedSource>(own.file(), std::vector<std::pair<double, CheckpointTensor>>{{1.0, own}, {-1.0, b}}));
+            std::make_shared<CombinedSource>(own.file(), Terms{{1.0, {own.info, own.source}}, {-1.0, {b.info, b.source}}}));
       }
       continue;
     }
@@ -192,8 +157,7 @@ Checkpoint Checkpoint::adapter_over(const Checkpoint& base, AdapterUse use) cons
       out.tensors_.emplace(name, CheckpointTensor{delta_info, delta.get()});
     } else {
       add(name, f32_info(name, b.info->shape),
-          std::make_shared<CombinedSource>(delta->path(), std::vector<std::pair<double, CheckpointTensor>>{
-                                                              {1.0, b}, {1.0, CheckpointTensor{delta_info, delta.get()}}}));
+          std::make_shared<CombinedSource>(delta->path(), Terms{{1.0, {b.info, b.source}}, {1.0, {delta_info, delta.get()}}}));
     }
   }
   return out;

@@ -603,38 +603,26 @@ AdapterFiles find_adapter_files(const std::filesystem::path& folder) {
                                   kAdapterBinName);
 }
 
-namespace {
-
-// scale * x for a float tensor x, decoded exactly to f64 and rounded once to F32.
-class ScaledSource final : public TensorSource {
- public:
-  ScaledSource(TensorRef original, double scale, std::shared_ptr<const void> keep_alive)
-      : original_(original), scale_(scale), keep_alive_(std::move(keep_alive)) {}
-  const std::filesystem::path& path() const noexcept override { return original_.source->path(); }
-  std::string_view format() const noexcept override { return "lora"; }
-  void read(const TensorInfo&, std::uint64_t byte_offset, std::span<std::byte> dst) const override {
-    if (dst.empty()) return;
-    const std::uint64_t first = byte_offset / 4, last = (byte_offset + dst.size() + 3) / 4, n = last - first;
-    const std::uint64_t size = dtype_bits(original_.info->dtype) / 8;
-    if (last > original_.info->num_elements()) {
-      throw Error(ErrorCode::kInvalidArgument, "tensor " + quote_name(original_.info->name) + ": bytes outside the tensor");
-    }
-    std::vector<std::byte> raw(n * size), out(n * 4);
-    std::vector<double> x(n);
-    original_.source->read(*original_.info, first * size, raw);
-    decode_to_f64(original_.info->dtype, raw.data(), x.data(), n);
-    for (double& v : x) v *= scale_;
-    encode_from_f64(DType::kF32, x.data(), out.data(), n);
-    std::copy_n(out.begin() + static_cast<std::ptrdiff_t>(byte_offset - first * 4), dst.size(), dst.begin());
+void CombinedSource::read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const {
+  if (byte_offset > info.num_bytes() || dst.size() > info.num_bytes() - byte_offset) {
+    throw Error(ErrorCode::kInvalidArgument, "tensor " + quote_name(info.name) + ": bytes outside the tensor");
   }
+  if (dst.empty()) return;
+  const std::uint64_t first = byte_offset / 4, last = (byte_offset + dst.size() + 3) / 4, n = last - first;
+  std::vector<double> acc(n, 0.0), x(n);
+  std::vector<std::byte> raw;
+  for (const auto& [c, t] : terms_) {
+    const std::uint64_t size = dtype_bits(t.info->dtype) / 8;
+    raw.resize(n * size);
+    t.source->read(*t.info, first * size, raw);
+    decode_to_f64(t.info->dtype, raw.data(), x.data(), n);
+    for (std::uint64_t i = 0; i < n; ++i) acc[i] += c * x[i];
+  }
+  std::vector<std::byte> out(n * 4);
+  encode_from_f64(DType::kF32, acc.data(), out.data(), n);
+  std::copy_n(out.begin() + static_cast<std::ptrdiff_t>(byte_offset - first * 4), dst.size(), dst.begin());
+}
 
- private:
-  TensorRef original_;
-  double scale_;
-  std::shared_ptr<const void> keep_alive_;
-};
-
-}  // namespace
 
 std::vector<AdapterTensor> make_adapter_tensors(const AdapterTensors& mapping, std::span<const TensorRef> tensors,
                                                 const std::shared_ptr<const void>& keep_alive) {
@@ -652,7 +640,7 @@ std::vector<AdapterTensor> make_adapter_tensors(const AdapterTensors& mapping, s
   }
   for (const BiasDelta& d : mapping.bias_deltas) {
     const TensorRef original = ref(d.source);
-    AdapterTensor t{AdapterTensor::Kind::kDelta, *original.info, std::make_shared<ScaledSource>(original, d.scale, keep_alive), {}};
+    AdapterTensor t{AdapterTensor::Kind::kDelta, *original.info, std::make_shared<CombinedSource>(original.source->path(), std::vector<std::pair<double, TensorRef>>{{d.scale, original}}, keep_alive), {}};
     t.info.name = d.target;
     t.info.dtype = DType::kF32;
     t.info.data_begin = 0;

@@ -210,6 +210,26 @@ class LoraProductSource final : public TensorSource {
   std::uint64_t rows_ = 0, cols_ = 0;  // dW viewed as rows_ x cols_
 };
 
+/// sum_i c_i * x_i over tensors of one element count, element by element in f64 (each input decoded
+/// exactly), rounded once to F32; no terms: zeros. Serves the F32 tensor `info` it is read with: a bias
+/// delta (s * lora_B.bias), an adapter's base + dW, a saved tensor's saved - base. Memory per read():
+/// the requested elements, once per input. Throws Error{kInvalidArgument} for a range outside `info`,
+/// and what the inputs' sources throw. Thread-safe: no mutable state.
+class CombinedSource final : public TensorSource {
+ public:
+  CombinedSource(std::filesystem::path path, std::vector<std::pair<double, TensorRef>> terms,
+                 std::shared_ptr<const void> keep_alive = {})
+      : path_(std::move(path)), terms_(std::move(terms)), keep_alive_(std::move(keep_alive)) {}
+  const std::filesystem::path& path() const noexcept override { return path_; }
+  std::string_view format() const noexcept override { return "lora"; }
+  void read(const TensorInfo& info, std::uint64_t byte_offset, std::span<std::byte> dst) const override;
+
+ private:
+  std::filesystem::path path_;
+  std::vector<std::pair<double, TensorRef>> terms_;
+  std::shared_ptr<const void> keep_alive_;
+};
+
 /// Serves a tensor of another source under another name (a full tensor renamed to its base name): read()
 /// ignores the info it is given and reads `original`.
 class RenamedSource final : public TensorSource {
