@@ -428,7 +428,8 @@ AdapterTensors map_adapter_tensors(const AdapterConfig& config, std::span<const 
   }
 
   for (const auto& [module, info] : lora_biases) {
-    auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == module; });
+    const std::string& wanted = module;  // clang 14 cannot capture a structured binding
+    auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == wanted; });
     if (it == out.modules.end() || it->is_embedding) {
       fail(label, "tensor " + quote_name(info->name) + " is the lora_B bias of module " + quote_name(module) +
                       ", which has no lora_A / lora_B factors");
@@ -444,7 +445,8 @@ AdapterTensors map_adapter_tensors(const AdapterConfig& config, std::span<const 
   }
   std::sort(out.bias_deltas.begin(), out.bias_deltas.end(), [](const auto& x, const auto& y) { return x.target < y.target; });
   for (const auto& [module, info] : saved_bases) {
-    auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == module; });
+    const std::string& wanted = module;  // clang 14 cannot capture a structured binding
+    auto it = std::find_if(out.modules.begin(), out.modules.end(), [&](const LoraModule& m) { return m.module == wanted; });
     if (it == out.modules.end()) {
       fail(label, "tensor " + quote_name(info->name) + " is the base layer of module " + quote_name(module) +
                       ", which has no LoRA factors");
