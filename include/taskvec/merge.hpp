@@ -27,22 +27,41 @@ namespace taskvec {
 // ---------------------------------------------------------------------------------------------
 
 /// Per-model parameters of a merge, resolved for one tensor. Unused ones are ignored by a method.
+/// Defaults are mergekit's (docs/MERGEKIT.md); the registry holds each method's own.
 struct MergeModelParams {
   float weight = 1.0f;       ///< scale of this model's task vector (or of the model, for linear)
-  float density = 1.0f;      ///< fraction kept, (0, 1]
+  float density = 1.0f;      ///< fraction kept, > 0; >= 1 keeps everything (as mergekit)
   float gamma = 0.01f;       ///< breadcrumbs: fraction of largest magnitudes removed, [0, 1)
-  float epsilon = 0.0f;      ///< della: keep probabilities span [density - eps, density + eps]
+  float epsilon = 0.15f;     ///< della: keep probabilities span [density - eps, density + eps]
   float tall_lambda = 0.4f;  ///< consensus: TALL mask threshold lambda_t, >= 0
+};
+
+/// How survivors of a random or magnitude drop are scaled back.
+enum class MergeRescale {
+  kNone,            ///< kept entries unchanged
+  kL1Norm,          ///< mergekit's `rescale: true`: one factor per tensor, |tau|_1 / |kept tau|_1 (none when either < 1e-7)
+  kInverseDensity,  ///< taskvec's `rescale: inverse_density`: each survivor / its keep probability (DARE, DELLA papers; PEFT)
+};
+
+/// The divisor of the TIES-family disjoint merge, per element, over the entries that agree with the elected sign.
+enum class MergeDivisor {
+  kNone,           ///< sum of the agreeing weighted deltas (mergekit `normalize: false`)
+  kSignedWeights,  ///< / sum of their weights w_i, 1 when that is 0 (mergekit `normalize: true`)
+  kAbsWeights,     ///< / sum of |w_i| (taskvec `disjoint: mean`; the TIES paper's mean for w_i = 1)
 };
 
 /// Global parameters of a merge, resolved for one tensor.
 struct MergeGlobalParams {
   float lambda = 1.0f;         ///< scale of the merged task vector (alpha in TSV / Iso-C)
   bool normalize = false;      ///< divide the weighted sum by the sum of weights (linear, *_linear, ...)
-  bool rescale = true;         ///< DARE / DELLA / magnitude_prune: divide survivors by keep probability
-  bool disjoint_sum = false;   ///< TIES-family disjoint merge: false = mean (paper), true = sum
+  MergeRescale rescale = MergeRescale::kNone;       ///< DARE / DELLA / magnitude drops
+  MergeDivisor divisor = MergeDivisor::kSignedWeights;  ///< TIES-family disjoint merge
+  bool sign_tie_majority = false;  ///< TIES election of a zero sum: false = + (mergekit), true = the tensor's majority sign
+  bool round_count = false;    ///< top-k counts: false = floor(density * n) (mergekit), true = round (taskvec before 0.3)
   bool trim_model = false;     ///< ties: trim against a whole-model threshold (MergeTensor::trim_thresholds)
-  float t = 0.5f;              ///< slerp interpolation factor, [0, 1]
+  int rank_dim = 1;            ///< della: the dimension magnitudes are ranked along (mergekit: 1; -1 = the last)
+  bool filter_wise = false;    ///< model_stock: one interpolation ratio per row (last dimension) instead of per tensor
+  float t = 0.5f;              ///< slerp interpolation factor (0 = base / first model; outside [0, 1] extrapolates)
   int k = 2;                   ///< consensus: minimum number of agreeing TALL masks
   std::uint64_t seed = 0;      ///< DARE / DELLA random masks
 };
@@ -61,6 +80,12 @@ struct MergeTensor {
   /// Element-wise methods (MergeMethod::elementwise) may be called on a chunk of a tensor: shape is then
   /// {chunk length} and first_index the chunk's first element in the whole tensor (seeds DARE's masks).
   std::uint64_t first_index = 0;
+  /// Chunked DARE with MergeRescale::kL1Norm: one factor per model for the whole tensor
+  /// (dare_l1_sums over every chunk). Empty: the kernel computes it from the span it is given.
+  std::span<const float> rescale_factors;
+  /// Where a kernel records what a user should know about this tensor (e.g. model_stock clamping an
+  /// angle mergekit would extrapolate from). May be null.
+  std::vector<std::string>* notes = nullptr;
   std::size_t element_count() const noexcept;
 };
 
@@ -72,31 +97,39 @@ using MergeKernel = void (*)(const MergeTensor& in, std::span<float> out);
 void merge_linear(const MergeTensor& in, std::span<float> out);
 /// base + lambda * sum_i w_i tau_i (/ sum w with normalize). Ilharco et al. 2023.
 void merge_task_arithmetic(const MergeTensor& in, std::span<float> out);
-/// TIES (Yadav et al. 2023): trim each tau_i to its top round(density*N) magnitudes (ties broken by
-/// lower index), elect sign of sum w_i tau_i (zero -> majority sign of the tensor), disjoint mean
-/// (divide by sum of |w_i| over agreeing survivors) or sum; base + lambda * result.
+/// TIES (Yadav et al. 2023), as mergekit's `ties`: trim each tau_i to its top floor(density*N)
+/// magnitudes (round with global.round_count; ties broken by lower index; density >= 1 keeps all), elect
+/// the sign of sum_i w_i tau_i (a zero sum elects +, or the tensor's majority sign with sign_tie_majority),
+/// merge the agreeing w_i tau_i with global.divisor; base + lambda * result.
 void merge_ties(const MergeTensor& in, std::span<float> out);
-/// DARE (Yu et al. 2024): keep each entry with probability density (counter-based RNG), divide by
-/// density when rescale; then task arithmetic.
+/// DARE (Yu et al. 2024): keep each entry with probability density (counter-based RNG), rescale the
+/// survivors (global.rescale: mergekit's L1 norm match, or 1/density per entry); then task arithmetic.
 void merge_dare_linear(const MergeTensor& in, std::span<float> out);
 /// DARE masks, then TIES sign election and disjoint merge (no trim).
 void merge_dare_ties(const MergeTensor& in, std::span<float> out);
-/// Model Breadcrumbs (Davari & Belilovsky 2024): per tau_i drop the round(gamma*N) largest
-/// magnitudes and keep the next round(density*N); then task arithmetic (no rescale).
+/// Model Breadcrumbs (Davari & Belilovsky 2024), as mergekit's magnitude_outliers: with n_keep =
+/// floor(density*N) and n_top = floor(gamma*N) (reduced so that n_keep fit), drop the n_top largest
+/// magnitudes and keep the next n_keep; density >= 1 keeps all. Where n_top is 0 mergekit keeps nothing;
+/// taskvec keeps the n_keep largest and notes it. Then task arithmetic.
 void merge_breadcrumbs(const MergeTensor& in, std::span<float> out);
 /// Breadcrumbs masks, then TIES sign election and disjoint merge.
 void merge_breadcrumbs_ties(const MergeTensor& in, std::span<float> out);
-/// DELLA (Deep et al. 2024): per row (last dimension) keep probability rises linearly with magnitude
-/// rank in [density - eps, density + eps]; survivors / p when rescale; TIES election + disjoint merge.
+/// DELLA (Deep et al. 2024), as mergekit's della_magprune: along dimension global.rank_dim (1-D tensors as
+/// one row) the keep probability rises linearly with magnitude rank over [density - eps, density + eps];
+/// survivors rescaled (global.rescale); TIES election + disjoint merge. density >= 1 keeps all.
 void merge_della(const MergeTensor& in, std::span<float> out);
+/// DELLA masks, then task arithmetic (mergekit's della_linear).
+void merge_della_linear(const MergeTensor& in, std::span<float> out);
 /// Model Stock (Jang et al. 2024): t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the
-/// task vectors (clamped to [0, 1]); out = t * mean(theta_i) + (1 - t) * base.
+/// task vectors (per tensor, or per row with filter_wise), clamped to [0, 1] (mergekit extrapolates: a
+/// note says so); out = t * mean(theta_i) + (1 - t) * base.
 void merge_model_stock(const MergeTensor& in, std::span<float> out);
 /// SLERP between models[0] (t = 0) and models[1] (t = 1) on the flattened tensor; linear
-/// interpolation when the directions are near-parallel (|cos| > 0.9995) or a norm is zero.
+/// interpolation when the directions are near-parallel (|cos| > 0.9995) or a norm is zero. The recipe
+/// puts the base model first, as mergekit does.
 void merge_slerp(const MergeTensor& in, std::span<float> out);
-/// Magnitude pruning: keep the top round(density*N) magnitudes of each tau_i (/ density with
-/// rescale), then task arithmetic.
+/// Magnitude pruning: keep the top floor(density*N) magnitudes of each tau_i (rescaled as global.rescale says:
+/// inverse_density divides by density), then task arithmetic.
 void merge_magnitude_prune(const MergeTensor& in, std::span<float> out);
 /// Consensus merging (Wang et al. 2024): tau_MTL = sum w_i tau_i; TALL masks
 /// m_i = |w_i tau_i| > lambda_i |tau_MTL - w_i tau_i|; keep where sum_i m_i >= k; base + lambda m*tau_MTL.
@@ -120,12 +153,28 @@ double merge_rng_uniform(std::uint64_t key, std::uint64_t index) noexcept;
 /// merge_rng_uniform(key, first_index + j) < density, scaled by 1/density when rescale; else 0.
 /// The result does not depend on how a tensor is split into chunks.
 void dare_drop(std::span<float> tau, std::uint64_t key, std::uint64_t first_index, float density, bool rescale) noexcept;
-/// Number of entries kept for a fraction of n: floor(fraction * n + 0.5), clamped to [0, n].
-std::uint64_t merge_keep_count(double fraction, std::uint64_t n) noexcept;
+/// Number of entries kept for a fraction of n: floor(fraction * n) as mergekit's int(), or
+/// floor(fraction * n + 0.5) with `round`; clamped to [0, n] (fraction >= 1 keeps n).
+std::uint64_t merge_keep_count(double fraction, std::uint64_t n, bool round = false) noexcept;
+
+/// Breadcrumbs band for n elements (ranks from the largest magnitude): [top, top + keep). mergekit's
+/// magnitude_outliers counts; `mergekit_drops_all` is set where mergekit would keep nothing (n_top = 0 with
+/// density < 1), and taskvec keeps [0, keep) instead.
+struct BreadcrumbsBand {
+  std::uint64_t top = 0, keep = 0;
+  bool mergekit_drops_all = false;
+};
+BreadcrumbsBand merge_breadcrumbs_band(const MergeModelParams& model, bool round, std::uint64_t n) noexcept;
+
+/// L1 sums for MergeRescale::kL1Norm of the random-drop methods (dare_*): per model m, adds sum |tau_m| to
+/// before[m] and sum over kept entries of |tau_m| to after[m], for the chunk `in` (first_index honoured).
+/// The factor for the whole tensor is before / after (1 when either is < 1e-7), as mergekit's
+/// rescaled_masked_tensor.
+void dare_l1_sums(const MergeTensor& in, std::span<double> before, std::span<double> after);
 
 /// For the magnitude top-k methods (ties without `trim: model`, breadcrumbs, breadcrumbs_ties,
 /// magnitude_prune): how many of the n elements of one model's task vector survive the trim with
-/// these parameters (round(density * n), past the gamma outliers for breadcrumbs). -1 for every other
+/// these parameters (floor(density * n), or round with count_rounding; breadcrumbs: its band). -1 for every other
 /// method (random drops, no trim): the count is not fixed there. Pure; throws nothing.
 std::int64_t merge_topk_kept(std::string_view method, const MergeModelParams& model, const MergeGlobalParams& global,
                              std::uint64_t n) noexcept;
@@ -135,7 +184,7 @@ std::int64_t merge_topk_kept(std::string_view method, const MergeModelParams& mo
 /// in pass 1, call next_pass(), feed the same values again, then threshold(). Order does not matter.
 class MagnitudeThreshold {
  public:
-  /// Keep fraction `density` of all values seen (k = merge_keep_count(density, total)).
+  /// Keep fraction `density` of all values seen (k = merge_keep_count(density, total): floor, as the official code's int()).
   explicit MagnitudeThreshold(double density);
   void add(std::span<const float> values);
   /// Ends a pass. Returns true when another pass over the same values is needed.
@@ -194,15 +243,19 @@ const MergeMethod* find_merge_method(std::string_view name) noexcept;
 // Recipes
 // ---------------------------------------------------------------------------------------------
 
-/// A recipe parameter value: a scalar, a list interpolated linearly over the layer index, or a list of
-/// {filter: REGEX, value: V} (first match by std::regex_search on the tensor name wins; an entry
-/// without filter matches every tensor). A value inside a filter entry is a scalar or a layer list.
+/// A recipe parameter value: a scalar, a list interpolated linearly over the layer index (mergekit's
+/// gradient: layer i of L takes position i / (L - 1); a model of one layer takes the last value, a tensor
+/// outside the layers the first), or a list of {filter: TEXT, value: V} entries. The first entry that
+/// matches wins: `filter` matches when TEXT is a substring of the tensor name, as mergekit (`"*"` and a
+/// missing filter match every tensor); taskvec's `filter_regex: REGEX` matches by std::regex_search.
 struct RecipeValue {
   enum class Kind { kScalar, kLayers, kFilters };
   struct FilterEntry {
-    std::optional<std::string> pattern;
+    std::optional<std::string> pattern;  ///< substring (or regex when is_regex); none = every tensor
+    bool is_regex = false;
     std::regex regex;
     std::vector<double> values;  ///< one value = scalar; more = layer list
+    bool matches(const std::string& tensor_name) const;
   };
   Kind kind = Kind::kScalar;
   std::vector<double> values;          ///< kScalar (1) / kLayers (>= 1)
@@ -212,14 +265,15 @@ struct RecipeValue {
 };
 
 struct RecipeModel {
-  std::filesystem::path path;                   ///< resolved against the recipe's folder
+  std::filesystem::path path;                   ///< as written (mergekit resolves it against the working directory)
   /// A PEFT LoRA adapter applied to `path` (mergekit's `model: BASE+ADAPTER`, or an `adapter:` key): the
   /// model merged is PATH + dW (Checkpoint::adapter_over, AdapterUse::kModel).
   std::optional<std::filesystem::path> adapter;
   std::map<std::string, RecipeValue> params;    ///< model-scope parameters given for this model
 };
 
-/// A parsed, validated merge recipe.
+/// A parsed, validated merge recipe, with mergekit's meaning (docs/MERGEKIT.md): a `models:` entry that is
+/// the base_model is used only as the base (removed from `models`); slerp's t = 0 end is the base.
 struct Recipe {
   std::filesystem::path file;                   ///< the recipe file ("<string>" when parsed from text)
   const MergeMethod* method = nullptr;
@@ -230,14 +284,18 @@ struct Recipe {
   std::optional<DType> dtype;                   ///< compute dtype as written (taskvec computes in f32)
   std::optional<DType> out_dtype;
   std::uint64_t seed = 0;
+  /// What the recipe does that a user should know: parameters without effect, where mergekit would fail
+  /// or differ. Printed as warnings by `taskvec merge`.
+  std::vector<std::string> warnings;
 
-  /// Parameters for one tensor, checked (cross-parameter ranges; normalize with zero weight sum).
+  /// Parameters for one tensor, checked (cross-parameter ranges; linear's normalize with zero weight sum).
   /// Throws Error{kRecipe} naming the tensor, the key and the recipe file.
   void resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
                MergeGlobalParams& global) const;
 };
 
-/// Parses YAML text. `file` names the recipe in messages and anchors relative model paths.
+/// Parses YAML text. `file` names the recipe in messages. Relative model paths are kept as written: they
+/// resolve against the working directory, as in mergekit.
 /// Throws Error{kRecipe} with the key, the file and the line.
 Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& file = "<string>");
 /// Reads and parses a recipe file (Error{kIo} when unreadable).

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <map>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -34,6 +35,7 @@ struct MergeJob {
   std::uint64_t per_element = 0;   // bytes in flight per element
   std::uint64_t need_bytes = 0;    // per_element x elements (whole-tensor jobs)
   bool chunked = false;            // element-wise method or plain conversion: runs in chunks
+  std::vector<float> rescale_factors;  // dare_linear with rescale: true: one L1 factor per model (pre-pass)
   std::size_t shard = 0, index = 0;
 };
 
@@ -92,8 +94,8 @@ std::vector<float> decode_all(const CheckpointTensor& t) { return decode_range(t
 
 bool is_svd_method(const MergeMethod& m) { return m.name == "tsv_merge" || m.name == "iso_c"; }
 
-// --keep-extra-tensors FROM: an index into recipe.models (from 0) or one of their paths (as given, or
-// relative to the recipe's folder). nullopt when FROM is empty.
+// --keep-extra-tensors FROM: an index into recipe.models (from 0) or one of their paths (as written in the
+// recipe, or a path to the same file; both relative to the working directory). nullopt when FROM is empty.
 std::optional<std::size_t> resolve_keep_from(const Recipe& recipe, const std::string& from) {
   if (from.empty()) return std::nullopt;
   if (std::all_of(from.begin(), from.end(), [](char c) { return c >= '0' && c <= '9'; }) && from.size() < 10) {
@@ -103,9 +105,7 @@ std::optional<std::size_t> resolve_keep_from(const Recipe& recipe, const std::st
   for (std::size_t i = 0; i < recipe.models.size(); ++i) {
     const std::filesystem::path& p = recipe.models[i].path;
     std::error_code ec;
-    if (p == from || std::filesystem::equivalent(from, p, ec) ||
-        std::filesystem::equivalent(recipe.file.parent_path() / from, p, ec))
-      return i;
+    if (p == from || std::filesystem::equivalent(from, p, ec)) return i;
   }
   std::vector<std::string> paths;
   for (const auto& m : recipe.models) paths.push_back(m.path.string());
@@ -141,6 +141,25 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     }
     return lora.adapter_over(model, AdapterUse::kModel);
   };
+  // Recipe paths resolve against the working directory, as in mergekit; a path that exists only beside
+  // the recipe is most likely meant from there, so say so instead of "not found".
+  const auto check_relative = [&](const std::filesystem::path& p) {
+    std::error_code ec;
+    if (p.empty() || p.is_absolute() || std::filesystem::exists(p, ec) || recipe.file == "<string>") return;
+    const std::filesystem::path beside = recipe.file.parent_path() / p;
+    if (!recipe.file.parent_path().empty() && std::filesystem::exists(beside, ec))
+      throw Error(ErrorCode::kRecipe,
+                  fmt::format("{}: model path '{}' does not exist in the working directory; paths in a recipe are "
+                              "relative to the working directory, as in mergekit (there is a '{}' beside the recipe: "
+                              "run from that folder or write that path)",
+                              recipe.file.string(), p.string(), beside.string()));
+  };
+  if (recipe.base_model) check_relative(*recipe.base_model);
+  if (recipe.base_model_adapter) check_relative(*recipe.base_model_adapter);
+  for (const auto& m : recipe.models) {
+    check_relative(m.path);
+    if (m.adapter) check_relative(*m.adapter);
+  }
   std::optional<Checkpoint> base;
   if (recipe.base_model) base.emplace(open_model(*recipe.base_model, recipe.base_model_adapter));
   std::vector<Checkpoint> models;
@@ -178,7 +197,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   const bool slerp_from_base = method.name == "slerp" && base && models.size() == 1;
 
   EditReport report;
-  report.warnings = kind_warnings;
+  report.warnings = recipe.warnings;
+  report.warnings.insert(report.warnings.end(), kind_warnings.begin(), kind_warnings.end());
   report.warnings.insert(report.warnings.end(), tie_warnings.begin(), tie_warnings.end());
   if (base) report.warnings.insert(report.warnings.end(), base->notes().begin(), base->notes().end());
   for (const auto& m : models) report.warnings.insert(report.warnings.end(), m.notes().begin(), m.notes().end());
@@ -257,7 +277,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       // decoded inputs + result (f32), one delta buffer, sign and count lanes (TIES), encoded output (<= 8 B)
       std::uint64_t per_element = 4 * (job.models.size() + 2) + 24;
       if (is_svd_method(method)) per_element += 8 * 6;  // f64 SVD workspaces
-      if (method.name == "della") per_element += 4 * job.models.size() + 8;
+      if (method.name == "della" || method.name == "della_linear") per_element += 4 * job.models.size() + 8;
       job.per_element = per_element;
       job.chunked = method.elementwise;
       job.need_bytes = per_element * job.elements;
@@ -311,6 +331,35 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
         }
       } while (threshold.next_pass());
       trim_thresholds.push_back(threshold.threshold());
+    }
+  }
+
+  // ---- dare_linear with mergekit's rescale (L1 norm match): one factor per model and tensor, from a
+  // pass over the tensor in pieces, so that the merge itself still runs in chunks ----
+  if (method.name == "dare_linear" && !options.dry_run) {
+    for (auto& j : jobs) {
+      if (j.kind != MergeJob::Kind::kMerge || j.global.rescale != MergeRescale::kL1Norm) continue;
+      std::vector<double> before(j.models.size()), after(j.models.size());
+      constexpr std::uint64_t kPiece = 1u << 20;
+      for (std::uint64_t b = 0; b < j.elements; b += kPiece) {
+        const std::uint64_t count = std::min(kPiece, j.elements - b);
+        const std::vector<float> bv = decode_range(*j.base, b, count);
+        std::vector<std::vector<float>> mv;
+        for (const auto* t : j.models) mv.push_back(decode_range(*t, b, count));
+        std::vector<std::span<const float>> spans(mv.begin(), mv.end());
+        const std::vector<std::uint64_t> shape{count};
+        MergeTensor in;
+        in.name = j.ref->info->name;
+        in.shape = shape;
+        in.first_index = b;
+        in.base = bv;
+        in.models = spans;
+        in.model_params = j.model_params;
+        in.global = j.global;
+        dare_l1_sums(in, before, after);
+      }
+      for (std::size_t m = 0; m < j.models.size(); ++m)
+        j.rescale_factors.push_back(before[m] < 1e-7 || after[m] < 1e-7 ? 1.0f : static_cast<float>(before[m] / after[m]));
     }
   }
 
@@ -378,6 +427,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   std::vector<std::atomic<bool>> out_nonzero(jobs.size());
   std::mutex dropped_mutex;
   std::vector<std::pair<std::size_t, std::string>> dropped;
+  std::map<std::string, std::vector<std::size_t>> kernel_notes;  // note -> jobs (under dropped_mutex)
 
   std::vector<std::atomic<std::uint64_t>> clamped(jobs.size());  // --clamp-overflow, per job
   detail::parallel_for(
@@ -432,11 +482,21 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
           in.model_params = job.model_params;
           in.global = job.global;
           if (job.global.trim_model) in.trim_thresholds = trim_thresholds;
+          in.rescale_factors = job.rescale_factors;
+          std::vector<std::string> notes;
+          in.notes = &notes;
           result.resize(item.count);
           method.kernel(in, result);
+          if (!notes.empty()) {
+            std::lock_guard lock(dropped_mutex);
+            for (auto& n : notes) {
+              auto& v = kernel_notes[n];
+              if (std::find(v.begin(), v.end(), item.job) == v.end()) v.push_back(item.job);
+            }
+          }
           if (item.begin == 0 && item.count == job.elements) {  // the top-k methods merge whole tensors
             std::string lost;
-            // ties with `trim: model` keeps round(density x all merged elements) by one threshold per
+            // ties with `trim: model` keeps floor(density x all merged elements) by one threshold per
             // model: infinite when that count is 0 (MagnitudeThreshold), and then every tensor loses its delta.
             const bool whole_model = job.global.trim_model && method.name == "ties";
             for (std::size_t m = 0; m < model_values.size(); ++m) {
@@ -452,17 +512,18 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
             }
             if (!lost.empty() && whole_model) {
               std::string msg = fmt::format(
-                  "tensor '{}' ({} element{}): ties with 'trim: model' keeps round(density x the model's merged "
+                  "tensor '{}' ({} element{}): ties with 'trim: model' keeps floor(density x the model's merged "
                   "elements) = 0 elements, so the non-zero task vector of {} is dropped from the merge; raise density",
                   name, job.elements, job.elements == 1 ? "" : "s", lost);
               std::lock_guard lock(dropped_mutex);
               dropped.emplace_back(item.job, std::move(msg));
             } else if (!lost.empty()) {
               std::string msg = fmt::format(
-                  "tensor '{}' ({} element{}): {} keeps round(density x {}) = 0 of its elements, so the non-zero task "
-                  "vector of {} is dropped from the merge; raise density for this tensor in the recipe (e.g. a "
+                  "tensor '{}' ({} element{}): {} keeps {}(density x {}) = 0 of its elements, so the non-zero task "
+                  "vector of {} is dropped from the merge{}; raise density for this tensor in the recipe (e.g. a "
                   "{{filter: '{}', value: 1}} entry under 'density')",
-                  name, job.elements, job.elements == 1 ? "" : "s", method.name, job.elements, lost, name);
+                  name, job.elements, job.elements == 1 ? "" : "s", method.name, job.global.round_count ? "round" : "floor",
+                  job.elements, lost, method.name == "ties" ? " (mergekit stops with an error here)" : "", name);
               std::lock_guard lock(dropped_mutex);
               dropped.emplace_back(item.job, std::move(msg));
             }
@@ -511,6 +572,14 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   std::vector<std::string> dropped_lines;
   for (auto& d : dropped) dropped_lines.push_back(std::move(d.second));
   warn_capped(dropped_lines, "whose density keeps no element of a non-zero task vector");
+  // What the kernels noted (e.g. where mergekit would fail or differ), one line per note with the tensors.
+  for (auto& [note, js] : kernel_notes) {
+    std::sort(js.begin(), js.end());
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < js.size() && i < kListed; ++i) names.push_back("'" + jobs[js[i]].ref->info->name + "'");
+    report.warnings.push_back(fmt::format("{} tensor{} ({}{}): {}", js.size(), js.size() == 1 ? "" : "s",
+                                          fmt::join(names, ", "), js.size() > kListed ? ", ..." : "", note));
+  }
   // A merged tensor whose every output element is zero, while the base (or, without a base, one of
   // the models) has a nonzero element: the merge erased it. Read again only for those tensors.
   std::vector<std::string> zero_lines;

@@ -16,35 +16,51 @@ using detail::gemm_rm;
 void merge_model_stock(const MergeTensor& in, std::span<float> out) {
   const std::size_t n = check_inputs(in, out, "model_stock", true, 1);
   const std::size_t t = in.models.size();
-  // Pairwise cosines of the task vectors with f64 accumulation.
-  std::vector<double> norm2(t, 0.0);
-  std::vector<std::vector<double>> dot(t, std::vector<double>(t, 0.0));
-  for (std::size_t i = 0; i < n; ++i) {
-    for (std::size_t a = 0; a < t; ++a) {
-      const double da = static_cast<double>(in.models[a][i]) - in.base[i];
-      norm2[a] += da * da;
-      for (std::size_t b = a + 1; b < t; ++b) dot[a][b] += da * (static_cast<double>(in.models[b][i]) - in.base[i]);
+  // filter_wise: one ratio per row (the last dimension; a 1-D tensor is one row), as mergekit.
+  const std::size_t row = in.global.filter_wise && in.shape.size() >= 2 && in.shape.back() > 0
+                              ? static_cast<std::size_t>(in.shape.back())
+                              : std::max<std::size_t>(n, 1);
+  bool clamped = false;
+  std::vector<double> norm2(t);
+  std::vector<std::vector<double>> dot(t, std::vector<double>(t));
+  for (std::size_t r0 = 0; r0 < n; r0 += row) {
+    const std::size_t r1 = std::min(n, r0 + row);
+    // Pairwise cosines of the task vectors with f64 accumulation.
+    std::fill(norm2.begin(), norm2.end(), 0.0);
+    for (auto& d : dot) std::fill(d.begin(), d.end(), 0.0);
+    for (std::size_t i = r0; i < r1; ++i) {
+      for (std::size_t a = 0; a < t; ++a) {
+        const double da = static_cast<double>(in.models[a][i]) - in.base[i];
+        norm2[a] += da * da;
+        for (std::size_t b = a + 1; b < t; ++b) dot[a][b] += da * (static_cast<double>(in.models[b][i]) - in.base[i]);
+      }
+    }
+    double ratio = 1.0;  // one model: t = 1 (the model itself; mergekit needs two)
+    if (t >= 2) {
+      double cos_sum = 0;
+      std::size_t pairs = 0;
+      for (std::size_t a = 0; a < t; ++a)
+        for (std::size_t b = a + 1; b < t; ++b, ++pairs)
+          if (norm2[a] > 0 && norm2[b] > 0) cos_sum += std::clamp(dot[a][b] / std::sqrt(norm2[a] * norm2[b]), -1.0, 1.0);
+      // Opposed task vectors would give t < 0 or a pole at cos = -1/(N-1) (mergekit returns that: NaN or
+      // huge values); the paper assumes acute angles, so the mean cosine is clamped to [0, 1].
+      const double mean = cos_sum / static_cast<double>(pairs);
+      clamped = clamped || mean < 0;
+      const double c = std::clamp(mean, 0.0, 1.0);
+      const double nn = static_cast<double>(t);
+      ratio = nn * c / (1.0 + (nn - 1.0) * c);
+    }
+    const float tr = static_cast<float>(ratio);
+    for (std::size_t i = r0; i < r1; ++i) {
+      float s = 0;
+      for (std::size_t m = 0; m < t; ++m) s += in.models[m][i];
+      const float mean = s / static_cast<float>(t);
+      out[i] = tr * mean + (1.0f - tr) * in.base[i];
     }
   }
-  double ratio = 1.0;  // one model: t = 1 (the model itself)
-  if (t >= 2) {
-    double cos_sum = 0;
-    std::size_t pairs = 0;
-    for (std::size_t a = 0; a < t; ++a)
-      for (std::size_t b = a + 1; b < t; ++b, ++pairs)
-        if (norm2[a] > 0 && norm2[b] > 0) cos_sum += dot[a][b] / std::sqrt(norm2[a] * norm2[b]);
-    // Opposed task vectors would give t < 0 or a pole at cos = -1/(N-1); the paper assumes acute angles.
-    const double c = std::clamp(cos_sum / static_cast<double>(pairs), 0.0, 1.0);
-    const double nn = static_cast<double>(t);
-    ratio = nn * c / (1.0 + (nn - 1.0) * c);
-  }
-  const float tr = static_cast<float>(ratio);
-  for (std::size_t i = 0; i < n; ++i) {
-    float s = 0;
-    for (std::size_t m = 0; m < t; ++m) s += in.models[m][i];
-    const float mean = s / static_cast<float>(t);
-    out[i] = tr * mean + (1.0f - tr) * in.base[i];
-  }
+  if (clamped && in.notes)
+    in.notes->push_back("the task vectors point apart (mean cosine < 0): taskvec keeps the base (ratio 0), where "
+                        "mergekit's ratio N cos / (1 + (N-1) cos) would be negative or blow up");
 }
 
 void merge_slerp(const MergeTensor& in, std::span<float> out) {

@@ -14,8 +14,9 @@ namespace taskvec::merge_detail {
 std::size_t check_inputs(const MergeTensor& in, std::span<float> out, const char* method, bool needs_base,
                          std::size_t min_models, std::size_t max_models = static_cast<std::size_t>(-1));
 
-/// Sum of w_i or, for normalize, its reciprocal scale. Throws kInvalidArgument for a zero sum.
-float weight_scale(const MergeTensor& in, const char* method);
+/// 1 or, for normalize, 1 / sum w_i. A zero sum throws kInvalidArgument, or with zero_sum_is_one (mergekit's
+/// generalized task arithmetic: |sum| < 1e-8 -> 1) gives 1 and a note.
+float weight_scale(const MergeTensor& in, const char* method, bool zero_sum_is_one = false);
 
 /// Ordering key of element i with value v: larger |v| first, then lower index. Distinct for distinct i.
 inline std::uint64_t rank_key(float v, std::uint64_t i) noexcept {

@@ -39,10 +39,16 @@ std::size_t check_inputs(const MergeTensor& in, std::span<float> out, const char
   return n;
 }
 
-float weight_scale(const MergeTensor& in, const char* method) {
+float weight_scale(const MergeTensor& in, const char* method, bool zero_sum_is_one) {
   if (!in.global.normalize) return 1.0f;
   double sum = 0;
   for (const auto& p : in.model_params) sum += p.weight;
+  if (zero_sum_is_one && std::fabs(sum) < 1e-8) {
+    // mergekit's generalized task arithmetic: divisor[|divisor| < 1e-8] = 1.
+    if (in.notes)
+      in.notes->push_back("'normalize': the weights sum to 0, so the weighted sum is not divided (as mergekit)");
+    return 1.0f;
+  }
   if (sum == 0)
     throw Error(ErrorCode::kInvalidArgument,
                 std::string(method) + ": tensor '" + std::string(in.name) + "': normalize with weights summing to 0");
@@ -152,21 +158,35 @@ void band_fill(const RankBand& band, std::span<const float> model, std::span<con
 
 using namespace merge_detail;
 
-std::uint64_t merge_keep_count(double fraction, std::uint64_t n) noexcept {
+std::uint64_t merge_keep_count(double fraction, std::uint64_t n, bool round) noexcept {
   if (!(fraction > 0)) return 0;
   if (fraction >= 1) return n;
-  double k = std::floor(fraction * static_cast<double>(n) + 0.5);
+  const double x = fraction * static_cast<double>(n);
+  const double k = round ? std::floor(x + 0.5) : std::floor(x);
   return std::min<std::uint64_t>(n, static_cast<std::uint64_t>(k));
+}
+
+BreadcrumbsBand merge_breadcrumbs_band(const MergeModelParams& model, bool round, std::uint64_t n) noexcept {
+  BreadcrumbsBand band;
+  if (model.density >= 1) {  // mergekit: density >= 1 returns the task vector untouched, outliers included
+    band.keep = n;
+    return band;
+  }
+  band.keep = merge_keep_count(model.density, n, round);
+  band.top = merge_keep_count(model.gamma, n, round);
+  if (band.top + band.keep > n) band.top = n - band.keep;  // mergekit: fewer outliers, so that keep fits
+  // mergekit keeps sorted[n_bot:-n_top]: with n_top = 0 that slice is empty and the task vector is gone.
+  band.mergekit_drops_all = band.top == 0 && band.keep > 0;
+  return band;
 }
 
 std::int64_t merge_topk_kept(std::string_view method, const MergeModelParams& model, const MergeGlobalParams& global,
                              std::uint64_t n) noexcept {
-  // Same counts as bands_for: the band [top, min(n, top + keep)) of the ranked magnitudes.
+  // Same counts as bands_for: the band [top, top + keep) of the ranked magnitudes.
   const bool breadcrumbs = method == "breadcrumbs" || method == "breadcrumbs_ties";
   if (!breadcrumbs && method != "magnitude_prune" && !(method == "ties" && !global.trim_model)) return -1;
-  const std::uint64_t top = breadcrumbs ? merge_keep_count(model.gamma, n) : 0;
-  const std::uint64_t keep = merge_keep_count(model.density, n);
-  return static_cast<std::int64_t>(std::min(n, top + keep) - std::min(n, top));
+  if (breadcrumbs) return static_cast<std::int64_t>(merge_breadcrumbs_band(model, global.round_count, n).keep);
+  return static_cast<std::int64_t>(merge_keep_count(model.density, n, global.round_count));
 }
 
 namespace {
@@ -177,6 +197,11 @@ inline std::uint64_t mix64(std::uint64_t z) noexcept {  // splitmix64 finaliser
   return z ^ (z >> 31);
 }
 constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+
+std::string fmt_della_dim(const char* method, std::string_view name, int dim, int nd) {
+  return std::string(method) + ": tensor '" + std::string(name) + "': rank_dim " + std::to_string(dim) +
+         " is not a dimension of a " + std::to_string(nd) + "-D tensor";
+}
 
 inline float sign_of(float x) noexcept { return x > 0 ? 1.0f : (x < 0 ? -1.0f : 0.0f); }
 
@@ -215,7 +240,7 @@ inline float keep_if(bool keep, float x) noexcept {
 TASKVEC_SIMD_CLONES void add_weighted(float* __restrict out, const float* __restrict d, float w, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) out[i] += w * d[i];
 }
-// out += w d and den += |w| where w d is non-zero and of the elected sign.
+// out += w d and den += dw (w or |w|) where w d is non-zero and of the elected sign.
 TASKVEC_SIMD_CLONES void add_agreeing(float* __restrict out, float* __restrict den, const float* __restrict d,
                                       const float* __restrict sign, float w, float aw, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) {
@@ -225,11 +250,19 @@ TASKVEC_SIMD_CLONES void add_agreeing(float* __restrict out, float* __restrict d
     den[i] += keep_if(agree, aw);
   }
 }
-// out = base + lambda * (sum ? out : (den > 0 ? out / den : 0)).
+// out = base + lambda * out / den (kNone: no division; kSignedWeights: den 0 -> 1, as mergekit;
+// kAbsWeights: den 0 -> nothing agreed, 0).
 TASKVEC_SIMD_CLONES void finish_ties(float* __restrict out, const float* __restrict den, const float* __restrict base,
-                                     float lambda, bool sum, std::size_t n) {
-  if (sum) {
+                                     float lambda, MergeDivisor divisor, std::size_t n) {
+  if (divisor == MergeDivisor::kNone) {
     for (std::size_t i = 0; i < n; ++i) out[i] = base[i] + lambda * out[i];
+    return;
+  }
+  if (divisor == MergeDivisor::kSignedWeights) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const float safe = den[i] == 0 ? 1.0f : den[i];
+      out[i] = base[i] + lambda * (out[i] / safe);
+    }
     return;
   }
   for (std::size_t i = 0; i < n; ++i) {
@@ -239,9 +272,9 @@ TASKVEC_SIMD_CLONES void finish_ties(float* __restrict out, const float* __restr
   }
 }
 
-// TIES steps 2-3 on sparsified deltas: elect the sign of sum_m w_m delta_m (zero -> the majority sign of
-// the tensor), then average (divide by sum |w_m| of agreeing survivors) or sum the agreeing ones. The
-// deltas are produced twice by fill() rather than stored (T tensors of memory saved).
+// TIES steps 2-3 on sparsified deltas: elect the sign of sum_m w_m delta_m (zero -> + as mergekit, or the
+// majority sign of the tensor), then merge the agreeing ones with in.global.divisor. The deltas are
+// produced twice by fill() rather than stored (T tensors of memory saved).
 template <class Fill>
 void combine_ties(const MergeTensor& in, std::span<float> out, Fill fill) {
   const std::size_t n = out.size();
@@ -260,28 +293,74 @@ void combine_ties(const MergeTensor& in, std::span<float> out, Fill fill) {
     negative += out[i] < 0;
   }
   const std::int64_t majority = positive - negative;
-  const float fill_sign = majority > 0 ? 1.0f : (majority < 0 ? -1.0f : 0.0f);
+  const float fill_sign =
+      !in.global.sign_tie_majority ? 1.0f : (majority > 0 ? 1.0f : (majority < 0 ? -1.0f : 0.0f));
   for (std::size_t i = 0; i < n; ++i) sign[i] = sign[i] == 0 ? fill_sign : sign[i];
   std::vector<float> den(n, 0.0f);
   std::fill(out.begin(), out.end(), 0.0f);
   for (std::size_t m = 0; m < t; ++m) {  // pass 2: out holds the agreeing sum
     fill(m, std::span<float>(d));
     const float w = in.model_params[m].weight;
-    add_agreeing(out.data(), den.data(), d.data(), sign.data(), w, std::fabs(w), n);
+    add_agreeing(out.data(), den.data(), d.data(), sign.data(), w,
+                 in.global.divisor == MergeDivisor::kAbsWeights ? std::fabs(w) : w, n);
   }
-  finish_ties(out.data(), den.data(), in.base.data(), in.global.lambda, in.global.disjoint_sum, n);
+  finish_ties(out.data(), den.data(), in.base.data(), in.global.lambda, in.global.divisor, n);
 }
 
 std::vector<RankBand> bands_for(const MergeTensor& in, bool breadcrumbs) {
   const std::uint64_t n = in.element_count();
   std::vector<RankBand> bands;
+  bool dropped_by_mergekit = false;
   for (std::size_t m = 0; m < in.models.size(); ++m) {
     const auto& p = in.model_params[m];
-    const std::uint64_t top = breadcrumbs ? merge_keep_count(p.gamma, n) : 0;
-    const std::uint64_t keep = merge_keep_count(p.density, n);
+    std::uint64_t top = 0, keep = merge_keep_count(p.density, n, in.global.round_count);
+    if (breadcrumbs) {
+      const BreadcrumbsBand b = merge_breadcrumbs_band(p, in.global.round_count, n);
+      top = b.top;
+      keep = b.keep;
+      dropped_by_mergekit = dropped_by_mergekit || (b.mergekit_drops_all && p.gamma > 0);
+    }
     bands.push_back(rank_band(in.models[m], in.base, top, std::min(n, top + keep)));
   }
+  if (dropped_by_mergekit && in.notes)
+    in.notes->push_back("floor(gamma x elements) = 0 outliers: mergekit keeps nothing of the task vector here "
+                        "(its slice sorted[n_bot:-0] is empty); taskvec keeps the floor(density x elements) largest");
   return bands;
+}
+
+// mergekit's rescaled_masked_tensor with the L1 norm: kept * (|tau|_1 / |kept|_1), unchanged when
+// either norm is < 1e-7.
+float l1_factor(double before, double after) noexcept {
+  if (before < 1e-7 || after < 1e-7) return 1.0f;
+  return static_cast<float>(before / after);
+}
+
+// fill(m, d) followed by the L1 factor of model m when in.global.rescale is kL1Norm: the factors are
+// computed once (one extra fill per model), or taken from in.rescale_factors (chunked DARE).
+template <class Fill>
+auto with_l1_rescale(const MergeTensor& in, Fill fill) {
+  std::vector<float> factors;
+  if (in.global.rescale == MergeRescale::kL1Norm) {
+    if (!in.rescale_factors.empty()) {
+      factors.assign(in.rescale_factors.begin(), in.rescale_factors.end());
+    } else {
+      std::vector<float> d(in.element_count());
+      for (std::size_t m = 0; m < in.models.size(); ++m) {
+        fill(m, std::span<float>(d));
+        double before = 0, after = 0;
+        for (std::size_t i = 0; i < d.size(); ++i) {
+          before += std::fabs(static_cast<double>(in.models[m][i] - in.base[i]));  // the f32 delta, as mergekit's
+          after += std::fabs(static_cast<double>(d[i]));
+        }
+        factors.push_back(l1_factor(before, after));
+      }
+    }
+  }
+  return [&in, fill, factors = std::move(factors)](std::size_t m, std::span<float> d) {
+    fill(m, d);
+    if (m < factors.size() && factors[m] != 1.0f)
+      for (float& x : d) x *= factors[m];
+  };
 }
 
 std::vector<std::uint64_t> rng_keys(const MergeTensor& in) {
@@ -292,9 +371,10 @@ std::vector<std::uint64_t> rng_keys(const MergeTensor& in) {
 
 void check_density(const MergeTensor& in, const char* method) {
   for (const auto& p : in.model_params)
-    if (!(p.density > 0 && p.density <= 1))
+    if (!(p.density > 0) || !std::isfinite(p.density))
       throw Error(ErrorCode::kInvalidArgument, std::string(method) + ": tensor '" + std::string(in.name) +
-                                                   "': density " + std::to_string(p.density) + " is outside (0, 1]");
+                                                   "': density " + std::to_string(p.density) +
+                                                   " is not > 0 (1 or more keeps everything)");
 }
 
 }  // namespace
@@ -311,7 +391,7 @@ void merge_linear(const MergeTensor& in, std::span<float> out) {
 
 void merge_task_arithmetic(const MergeTensor& in, std::span<float> out) {
   check_inputs(in, out, "task_arithmetic", true, 1);
-  combine_linear(in, out, weight_scale(in, "task_arithmetic"),
+  combine_linear(in, out, weight_scale(in, "task_arithmetic", true),
                  elementwise([&](std::size_t m, std::size_t i) { return in.models[m][i] - in.base[i]; }));
 }
 
@@ -328,7 +408,9 @@ void merge_ties(const MergeTensor& in, std::span<float> out) {
     return;
   }
   const auto bands = bands_for(in, false);
-  combine_ties(in, out, [&](std::size_t m, std::span<float> d) { band_fill(bands[m], in.models[m], in.base, 1.0f, d); });
+  combine_ties(in, out, with_l1_rescale(in, [&](std::size_t m, std::span<float> d) {
+                 band_fill(bands[m], in.models[m], in.base, 1.0f, d);
+               }));
 }
 
 namespace {
@@ -353,19 +435,38 @@ void run_dare(const MergeTensor& in, std::span<float> out, const char* method, C
   const std::size_t n = check_inputs(in, out, method, true, 1);
   check_density(in, method);
   const auto keys = rng_keys(in);
-  const bool rescale = in.global.rescale;
+  const MergeRescale rescale = in.global.rescale;
   std::vector<std::vector<std::uint8_t>> keep(in.models.size(), std::vector<std::uint8_t>(n));
   for (std::size_t m = 0; m < in.models.size(); ++m)
     draw_keep_mask(keep[m].data(), keys[m], in.first_index, rng_threshold(in.model_params[m].density), n);
-  combine([&](std::size_t m, std::span<float> d) {
-    const float divisor = rescale ? in.model_params[m].density : 1.0f;
+  combine(with_l1_rescale(in, [&](std::size_t m, std::span<float> d) {
+    const float divisor = rescale == MergeRescale::kInverseDensity ? std::min(1.0f, in.model_params[m].density) : 1.0f;
     masked_delta(keep[m].data(), in.models[m].data(), in.base.data(), divisor, d.data(), d.size());
-  });
+  }));
 }
 }  // namespace
 
+void dare_l1_sums(const MergeTensor& in, std::span<double> before, std::span<double> after) {
+  const std::size_t n = in.element_count();
+  if (before.size() != in.models.size() || after.size() != in.models.size())
+    throw Error(ErrorCode::kInvalidArgument, "dare_l1_sums: one sum per model is needed");
+  std::vector<std::uint8_t> keep(n);
+  for (std::size_t m = 0; m < in.models.size(); ++m) {
+    draw_keep_mask(keep.data(), merge_rng_key(in.global.seed, in.name, m), in.first_index,
+                   rng_threshold(in.model_params[m].density), n);
+    double b = 0, a = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const double d = std::fabs(static_cast<double>(in.models[m][i] - in.base[i]));
+      b += d;
+      a += keep[i] ? d : 0.0;
+    }
+    before[m] += b;
+    after[m] += a;
+  }
+}
+
 void merge_dare_linear(const MergeTensor& in, std::span<float> out) {
-  const float scale = weight_scale(in, "dare_linear");
+  const float scale = weight_scale(in, "dare_linear", true);
   run_dare(in, out, "dare_linear", [&](auto delta) { combine_linear(in, out, scale, delta); });
 }
 
@@ -376,62 +477,120 @@ void merge_dare_ties(const MergeTensor& in, std::span<float> out) {
 void merge_breadcrumbs(const MergeTensor& in, std::span<float> out) {
   check_inputs(in, out, "breadcrumbs", true, 1);
   check_density(in, "breadcrumbs");
-  const float scale = weight_scale(in, "breadcrumbs");
+  const float scale = weight_scale(in, "breadcrumbs", true);
   const auto bands = bands_for(in, true);
-  combine_linear(in, out, scale, [&](std::size_t m, std::span<float> d) { band_fill(bands[m], in.models[m], in.base, 1.0f, d); });
+  combine_linear(in, out, scale, with_l1_rescale(in, [&](std::size_t m, std::span<float> d) {
+                   band_fill(bands[m], in.models[m], in.base, 1.0f, d);
+                 }));
 }
 
 void merge_breadcrumbs_ties(const MergeTensor& in, std::span<float> out) {
   check_inputs(in, out, "breadcrumbs_ties", true, 1);
   check_density(in, "breadcrumbs_ties");
   const auto bands = bands_for(in, true);
-  combine_ties(in, out, [&](std::size_t m, std::span<float> d) { band_fill(bands[m], in.models[m], in.base, 1.0f, d); });
+  combine_ties(in, out, with_l1_rescale(in, [&](std::size_t m, std::span<float> d) {
+                 band_fill(bands[m], in.models[m], in.base, 1.0f, d);
+               }));
 }
 
 void merge_magnitude_prune(const MergeTensor& in, std::span<float> out) {
   check_inputs(in, out, "magnitude_prune", true, 1);
   check_density(in, "magnitude_prune");
-  const float scale = weight_scale(in, "magnitude_prune");
+  const float scale = weight_scale(in, "magnitude_prune", true);
   const auto bands = bands_for(in, false);
-  const bool rescale = in.global.rescale;
-  combine_linear(in, out, scale, [&](std::size_t m, std::span<float> d) {
-    band_fill(bands[m], in.models[m], in.base, rescale ? in.model_params[m].density : 1.0f, d);
-  });
+  const bool inverse = in.global.rescale == MergeRescale::kInverseDensity;
+  combine_linear(in, out, scale, with_l1_rescale(in, [&](std::size_t m, std::span<float> d) {
+                   band_fill(bands[m], in.models[m], in.base, inverse ? std::min(1.0f, in.model_params[m].density) : 1.0f, d);
+                 }));
 }
 
-void merge_della(const MergeTensor& in, std::span<float> out) {
-  const std::size_t n = check_inputs(in, out, "della", true, 1);
-  check_density(in, "della");
-  const std::size_t row = (in.shape.empty() || in.shape.back() == 0) ? std::max<std::size_t>(n, 1)
-                                                                       : static_cast<std::size_t>(in.shape.back());
+namespace {
+// DELLA's MAGPRUNE as mergekit's della_magprune, one pruned (and rescaled) task vector per model.
+std::vector<std::vector<float>> della_prune(const MergeTensor& in, const char* method) {
+  const std::size_t n = in.element_count();
+  check_density(in, method);
+  // Ranked along dimension rank_dim (mergekit: 1, after a 1-D tensor is made one row); -1 = the last.
+  std::size_t outer = 1, len = n, inner = 1;
+  if (in.shape.size() >= 2) {
+    const int nd = static_cast<int>(in.shape.size());
+    const int dim = in.global.rank_dim < 0 ? nd + in.global.rank_dim : in.global.rank_dim;
+    if (dim < 0 || dim >= nd)
+      throw Error(ErrorCode::kInvalidArgument, fmt_della_dim(method, in.name, in.global.rank_dim, nd));
+    outer = 1;
+    inner = 1;
+    for (int k = 0; k < dim; ++k) outer *= static_cast<std::size_t>(in.shape[k]);
+    for (int k = dim + 1; k < nd; ++k) inner *= static_cast<std::size_t>(in.shape[k]);
+    len = static_cast<std::size_t>(in.shape[dim]);
+  }
   const auto keys = rng_keys(in);
   std::vector<std::vector<float>> pruned(in.models.size(), std::vector<float>(n));
   std::vector<std::uint64_t> order;
+  bool single = false;
   for (std::size_t m = 0; m < in.models.size(); ++m) {
     const auto& p = in.model_params[m];
+    auto& dst = pruned[m];
+    if (p.density >= 1) {  // mergekit: returned untouched, no epsilon check, no rescale
+      for (std::size_t i = 0; i < n; ++i) dst[i] = in.models[m][i] - in.base[i];
+      continue;
+    }
     const double lo = static_cast<double>(p.density) - p.epsilon;
     const double hi = static_cast<double>(p.density) + p.epsilon;
-    if (lo < 0 || hi > 1)
-      throw Error(ErrorCode::kInvalidArgument, "della: tensor '" + std::string(in.name) +
-                                                   "': density +- epsilon leaves [0, 1]");
-    for (std::size_t r0 = 0; r0 < n; r0 += row) {
-      const std::size_t len = std::min(row, n - r0);
-      order.resize(len);
-      // ascending rank: smallest magnitude first (ties: the higher index ranks lower)
-      for (std::size_t j = 0; j < len; ++j) order[j] = rank_key(in.models[m][r0 + j] - in.base[r0 + j], r0 + j);
-      std::sort(order.begin(), order.end());
-      for (std::size_t r = 0; r < len; ++r) {
-        const std::size_t i = 0xFFFFFFFFull - (order[r] & 0xFFFFFFFFull);
-        const double frac = len > 1 ? static_cast<double>(r) / static_cast<double>(len - 1) : 0.5;
-        const float keep_p = static_cast<float>(lo + (hi - lo) * frac);
-        const float d = in.models[m][i] - in.base[i];
-        float v = 0;
-        if (merge_rng_uniform(keys[m], i) < keep_p) v = in.global.rescale ? d / keep_p : d;
-        pruned[m][i] = v;
+    if (lo <= 0 || hi >= 1)
+      throw Error(ErrorCode::kInvalidArgument,
+                  std::string(method) + ": tensor '" + std::string(in.name) + "': density " + std::to_string(p.density) +
+                      " +- epsilon " + std::to_string(p.epsilon) + " must lie inside (0, 1), as mergekit requires");
+    double before = 0, after = 0;
+    for (std::size_t o = 0; o < outer; ++o) {
+      for (std::size_t c = 0; c < inner; ++c) {
+        const std::size_t first = o * len * inner + c;
+        order.resize(len);
+        // ascending rank: smallest magnitude first (ties: the higher index ranks lower)
+        for (std::size_t j = 0; j < len; ++j) {
+          const std::size_t i = first + j * inner;
+          order[j] = rank_key(in.models[m][i] - in.base[i], i);
+        }
+        std::sort(order.begin(), order.end());
+        single = single || len == 1;
+        for (std::size_t r = 0; r < len; ++r) {
+          const std::size_t i = 0xFFFFFFFFull - (order[r] & 0xFFFFFFFFull);
+          // mergekit's (rank - min) / (max - min) is 0/0 for a row of one; taskvec uses the middle.
+          const double frac = len > 1 ? static_cast<double>(r) / static_cast<double>(len - 1) : 0.5;
+          const float keep_p = static_cast<float>(lo + (hi - lo) * frac);
+          const float d = in.models[m][i] - in.base[i];
+          before += std::fabs(static_cast<double>(d));
+          float v = 0;
+          if (merge_rng_uniform(keys[m], i) < keep_p) {
+            v = in.global.rescale == MergeRescale::kInverseDensity ? d / keep_p : d;
+            after += std::fabs(static_cast<double>(d));
+          }
+          dst[i] = v;
+        }
       }
     }
+    if (in.global.rescale == MergeRescale::kL1Norm) {
+      const float f = l1_factor(before, after);
+      if (f != 1.0f)
+        for (float& x : dst) x *= f;
+    }
   }
+  if (single && in.notes)
+    in.notes->push_back("a row of one element along the DELLA ranking dimension: mergekit's rank normalization is 0/0 "
+                        "there (NaN probabilities, the merge fails); taskvec keeps it with probability density");
+  return pruned;
+}
+}  // namespace
+
+void merge_della(const MergeTensor& in, std::span<float> out) {
+  check_inputs(in, out, "della", true, 1);
+  const auto pruned = della_prune(in, "della");
   combine_ties(in, out, [&](std::size_t m, std::span<float> d) { std::copy(pruned[m].begin(), pruned[m].end(), d.begin()); });
+}
+
+void merge_della_linear(const MergeTensor& in, std::span<float> out) {
+  check_inputs(in, out, "della_linear", true, 1);
+  const float scale = weight_scale(in, "della_linear", true);
+  const auto pruned = della_prune(in, "della_linear");
+  combine_linear(in, out, scale, [&](std::size_t m, std::span<float> d) { std::copy(pruned[m].begin(), pruned[m].end(), d.begin()); });
 }
 
 void merge_consensus(const MergeTensor& in, std::span<float> out) {

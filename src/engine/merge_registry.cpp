@@ -15,14 +15,15 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 MergeParamSpec weight() {
   return {"weight", T::kFloat, S::kModel, 1.0, -kInf, kInf, false, false, {}, "scale of this model's task vector"};
 }
-MergeParamSpec density(double def) {
-  return {"density", T::kFloat, S::kModel, def, 0.0, 1.0, true, false, {}, "fraction of entries kept, (0, 1]"};
+// mergekit's default density is 1 (nothing dropped) for every sparsifying method.
+MergeParamSpec density(double def = 1.0) {
+  return {"density", T::kFloat, S::kModel, def, 0.0, kInf, true, false, {}, "fraction of entries kept, > 0 (>= 1 keeps all)"};
 }
 MergeParamSpec gamma() {
   return {"gamma", T::kFloat, S::kModel, 0.01, 0.0, 1.0, false, true, {}, "fraction of largest magnitudes removed, [0, 1)"};
 }
 MergeParamSpec epsilon() {
-  return {"epsilon", T::kFloat, S::kModel, 0.1, 0.0, 1.0, false, true, {}, "half-width of the keep-probability range"};
+  return {"epsilon", T::kFloat, S::kModel, 0.15, 0.0, 1.0, false, true, {}, "half-width of the keep-probability range"};
 }
 MergeParamSpec tall_lambda() {
   return {"tall_lambda", T::kFloat, S::kModel, 0.4, 0.0, kInf, false, false, {}, "TALL mask threshold lambda_t"};
@@ -33,50 +34,93 @@ MergeParamSpec lambda() {
 MergeParamSpec normalize(bool def) {
   return {"normalize", T::kBool, S::kGlobal, def ? 1.0 : 0.0, 0, 1, false, false, {}, "divide by the sum of weights"};
 }
+// TIES family: mergekit's normalize divides the agreeing sum by the sum of the agreeing weights.
+MergeParamSpec ties_normalize(bool def) {
+  return {"normalize", T::kBool, S::kGlobal, def ? 1.0 : 0.0, 0, 1, false, false, {},
+          "divide the agreeing sum by the sum of the agreeing weights (mergekit)"};
+}
+// false / true (mergekit: one L1-norm-matching factor per tensor) / inverse_density (each survivor / p).
 MergeParamSpec rescale(bool def) {
-  return {"rescale", T::kBool, S::kGlobal, def ? 1.0 : 0.0, 0, 1, false, false, {}, "divide survivors by their keep probability"};
+  return {"rescale", T::kChoice, S::kGlobal, def ? 1.0 : 0.0, 0, 2, false, false, {"false", "true", "inverse_density"},
+          "scale survivors back: true = match the L1 norm (mergekit), inverse_density = / keep probability"};
 }
 MergeParamSpec disjoint() {
-  return {"disjoint", T::kChoice, S::kGlobal, 0, 0, 1, false, false, {"mean", "sum"}, "disjoint merge of agreeing entries"};
+  return {"disjoint", T::kChoice, S::kGlobal, 0, 0, 1, false, false, {"mean", "sum"},
+          "taskvec: mean = / sum |w| of agreeing entries (TIES paper), sum = no division; replaces normalize"};
 }
-// mergekit spelling of the disjoint merge for the TIES family: normalize true = mean, false = sum.
-MergeParamSpec ties_normalize() {
-  return {"normalize", T::kBool, S::kGlobal, 1.0, 0, 1, false, false, {}, "mergekit alias of disjoint: true = mean, false = sum"};
+MergeParamSpec sign_tie() {
+  return {"sign_tie", T::kChoice, S::kGlobal, 0, 0, 1, false, false, {"positive", "majority"},
+          "sign elected where the weighted sum is 0: positive (mergekit) or the tensor's majority sign"};
+}
+MergeParamSpec count_rounding() {
+  return {"count_rounding", T::kChoice, S::kGlobal, 0, 0, 1, false, false, {"floor", "round"},
+          "top-k counts: floor(density x n) as mergekit, or round"};
+}
+MergeParamSpec int8_mask() {
+  return {"int8_mask", T::kBool, S::kGlobal, 0, 0, 1, false, false, {}, "mergekit memory hint; no effect (taskvec masks are bits)"};
 }
 MergeParamSpec trim() {
   return {"trim", T::kChoice, S::kGlobal, 0, 0, 1, false, false, {"tensor", "model"}, "top-k per tensor or over the whole model"};
 }
+MergeParamSpec rank_dim() {
+  return {"rank_dim", T::kInt, S::kGlobal, 1, -1, 64, false, false, {},
+          "dimension DELLA ranks magnitudes along: 1 (mergekit), -1 = the last"};
+}
+MergeParamSpec filter_wise() {
+  return {"filter_wise", T::kBool, S::kGlobal, 0, 0, 1, false, false, {}, "one ratio per row instead of per tensor"};
+}
 MergeParamSpec interp_t() {
-  return {"t", T::kFloat, S::kGlobal, 0.5, 0.0, 1.0, false, false, {}, "interpolation factor, 0 = first model"};
+  return {"t", T::kFloat, S::kGlobal, 0.5, -kInf, kInf, false, false, {},
+          "interpolation factor, 0 = the base (first model); outside [0, 1] extrapolates"};
 }
 MergeParamSpec consensus_k() {
   return {"k", T::kInt, S::kGlobal, 2, 0, 1e9, false, false, {}, "minimum number of agreeing task masks"};
 }
 
+std::vector<MergeParamSpec> gta(bool sparsifies, bool consensus, bool normalize_default, bool rescale_default,
+                                std::vector<MergeParamSpec> extra) {
+  std::vector<MergeParamSpec> p = {weight()};
+  if (sparsifies) p.push_back(density());
+  p.insert(p.end(), extra.begin(), extra.end());
+  p.push_back(lambda());
+  p.push_back(consensus ? ties_normalize(normalize_default) : normalize(normalize_default));
+  p.push_back(rescale(rescale_default));
+  p.push_back(int8_mask());
+  if (consensus) {
+    p.push_back(disjoint());
+    p.push_back(sign_tie());
+  }
+  return p;
+}
+
 std::vector<MergeMethod> build() {
   std::vector<MergeMethod> v;
   // Field order: name, kernel, params, needs_base, min_models, max_models, summary; elementwise set below.
+  // The mergekit methods take mergekit's parameters and defaults (registry.py, generalized_task_arithmetic.py).
   v.push_back({"linear", merge_linear, {weight(), normalize(true)}, false, 1, 1u << 20,
                "weighted average of the models (model soup)"});
-  v.push_back({"task_arithmetic", merge_task_arithmetic, {weight(), lambda(), normalize(false)}, true, 1, 1u << 20,
+  v.push_back({"task_arithmetic", merge_task_arithmetic, gta(false, false, false, false, {}), true, 1, 1u << 20,
                "base + lambda * sum w_i tau_i"});
-  v.push_back({"ties", merge_ties, {weight(), density(0.2), lambda(), disjoint(), ties_normalize(), trim()}, true, 1, 1u << 20,
+  v.push_back({"ties", merge_ties, gta(true, true, true, false, {count_rounding(), trim()}), true, 1, 1u << 20,
                "trim, elect sign, disjoint merge (Yadav et al. 2023)"});
-  v.push_back({"dare_linear", merge_dare_linear, {weight(), density(0.5), lambda(), rescale(true), normalize(false)}, true, 1,
-               1u << 20, "random drop and rescale, then task arithmetic (Yu et al. 2024)"});
-  v.push_back({"dare_ties", merge_dare_ties, {weight(), density(0.5), lambda(), rescale(true), disjoint(), ties_normalize()}, true, 1, 1u << 20,
+  v.push_back({"dare_linear", merge_dare_linear, gta(true, false, false, true, {}), true, 1, 1u << 20,
+               "random drop and rescale, then task arithmetic (Yu et al. 2024)"});
+  v.push_back({"dare_ties", merge_dare_ties, gta(true, true, false, true, {}), true, 1, 1u << 20,
                "random drop and rescale, then TIES sign election"});
-  v.push_back({"breadcrumbs", merge_breadcrumbs, {weight(), density(0.1), gamma(), lambda(), normalize(false)}, true, 1,
+  v.push_back({"breadcrumbs", merge_breadcrumbs, gta(true, false, false, false, {gamma(), count_rounding()}), true, 1,
                1u << 20, "drop outliers and small entries, then task arithmetic (Davari & Belilovsky 2024)"});
-  v.push_back({"breadcrumbs_ties", merge_breadcrumbs_ties, {weight(), density(0.1), gamma(), lambda(), disjoint(), ties_normalize()}, true, 1,
-               1u << 20, "breadcrumbs masks, then TIES sign election"});
-  v.push_back({"della", merge_della, {weight(), density(0.7), epsilon(), lambda(), rescale(true), disjoint(), ties_normalize()}, true, 1,
-               1u << 20, "magnitude-ranked random drop, rescale, TIES election (Deep et al. 2024)"});
-  v.push_back({"model_stock", merge_model_stock, {}, true, 1, 1u << 20,
+  v.push_back({"breadcrumbs_ties", merge_breadcrumbs_ties, gta(true, true, false, false, {gamma(), count_rounding()}), true,
+               1, 1u << 20, "breadcrumbs masks, then TIES sign election"});
+  v.push_back({"della", merge_della, gta(true, true, true, true, {epsilon(), rank_dim()}), true, 1, 1u << 20,
+               "magnitude-ranked random drop, rescale, TIES election (Deep et al. 2024)"});
+  v.push_back({"della_linear", merge_della_linear, gta(true, false, false, true, {epsilon(), rank_dim()}), true, 1,
+               1u << 20, "magnitude-ranked random drop and rescale, then task arithmetic"});
+  v.push_back({"model_stock", merge_model_stock, {filter_wise()}, true, 1, 1u << 20,
                "interpolate average and base by the angle between task vectors (Jang et al. 2024)"});
   v.push_back({"slerp", merge_slerp, {interp_t()}, false, 2, 2, "spherical interpolation of two models"});
-  v.push_back({"magnitude_prune", merge_magnitude_prune, {weight(), density(0.2), lambda(), rescale(false), normalize(false)},
-               true, 1, 1u << 20, "keep the largest magnitudes of each task vector, then task arithmetic"});
+  v.push_back({"magnitude_prune", merge_magnitude_prune,
+               {weight(), density(0.2), lambda(), rescale(false), normalize(false), count_rounding()}, true, 1, 1u << 20,
+               "keep the largest magnitudes of each task vector, then task arithmetic"});
   v.push_back({"consensus", merge_consensus, {weight(), tall_lambda(), consensus_k(), lambda()}, true, 1, 1u << 20,
                "keep entries at least k TALL masks agree on (Wang et al. 2024)"});
   v.push_back({"tsv_merge", merge_tsv, {weight(), lambda()}, true, 1, 1u << 20,
@@ -120,9 +164,13 @@ void apply_param(std::string_view name, double value, MergeModelParams* model, M
   if (global) {
     if (name == "lambda") global->lambda = static_cast<float>(value);
     else if (name == "normalize") global->normalize = value != 0;
-    else if (name == "rescale") global->rescale = value != 0;
-    else if (name == "disjoint") global->disjoint_sum = value != 0;
+    else if (name == "rescale") global->rescale = value == 0 ? MergeRescale::kNone : value == 1 ? MergeRescale::kL1Norm : MergeRescale::kInverseDensity;
+    else if (name == "disjoint") global->divisor = value == 0 ? MergeDivisor::kAbsWeights : MergeDivisor::kNone;
+    else if (name == "sign_tie") global->sign_tie_majority = value != 0;
+    else if (name == "count_rounding") global->round_count = value != 0;
     else if (name == "trim") global->trim_model = value != 0;
+    else if (name == "rank_dim") global->rank_dim = static_cast<int>(value);
+    else if (name == "filter_wise") global->filter_wise = value != 0;
     else if (name == "t") global->t = static_cast<float>(value);
     else if (name == "k") global->k = static_cast<int>(value);
   }

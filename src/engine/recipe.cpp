@@ -93,6 +93,12 @@ std::string backtracking_risk(const std::string& p) {
 
 struct Ctx {
   std::string file;
+  std::vector<std::string>* warnings = nullptr;
+  void warn(const YAML::Node& node, const std::string& key, const std::string& what) const {
+    std::string where = file;
+    if (node.IsDefined() && node.Mark().line >= 0) where += ":" + std::to_string(node.Mark().line + 1);
+    if (warnings) warnings->push_back(where + ": '" + key + "': " + what);
+  }
   [[noreturn]] void fail(const YAML::Node& node, const std::string& key, const std::string& what) const {
     std::string where = file;
     if (node.IsDefined() && node.Mark().line >= 0) where += ":" + std::to_string(node.Mark().line + 1);
@@ -159,6 +165,15 @@ double parse_scalar(const Ctx& ctx, const YAML::Node& node, const std::string& k
       break;
     case MergeParamType::kChoice: {
       bool found = false;
+      // rescale: false | true | inverse_density takes YAML's booleans (true, True, yes, ...) too.
+      if (spec.choices.size() >= 2 && spec.choices[0] == "false" && spec.choices[1] == "true") {
+        bool b = false;
+        if (YAML::convert<bool>::decode(node, b)) {
+          v = b ? 1.0 : 0.0;
+          found = true;
+          break;
+        }
+      }
       std::string allowed;
       for (std::size_t i = 0; i < spec.choices.size(); ++i) {
         if (spec.choices[i] == text) {
@@ -208,33 +223,88 @@ RecipeValue parse_value(const Ctx& ctx, const YAML::Node& node, const std::strin
     for (const auto& kv : item) {
       const std::string k = kv.first.as<std::string>();
       if (k == "filter") {
-        if (!kv.second.IsScalar()) ctx.fail(kv.second, key + ".filter", "expected a regular expression string");
+        // mergekit: a substring of the tensor name ("*" = every tensor).
+        if (entry.pattern) ctx.fail(kv.first, key + ".filter", "give either filter (substring) or filter_regex, not both");
+        if (!kv.second.IsScalar()) ctx.fail(kv.second, key + ".filter", "expected a string (a substring of tensor names)");
         entry.pattern = kv.second.Scalar();
+      } else if (k == "filter_regex") {
+        if (entry.pattern) ctx.fail(kv.first, key + ".filter_regex", "give either filter (substring) or filter_regex, not both");
+        if (!kv.second.IsScalar()) ctx.fail(kv.second, key + ".filter_regex", "expected a regular expression string");
+        entry.pattern = kv.second.Scalar();
+        entry.is_regex = true;
         // std::regex compiles and matches recursively: a huge pattern can overflow the stack.
         if (entry.pattern->size() > kMaxFilterLength) {
-          ctx.fail(kv.second, key + ".filter",
+          ctx.fail(kv.second, key + ".filter_regex",
                    "the regular expression is " + std::to_string(entry.pattern->size()) + " characters long; at most " +
                        std::to_string(kMaxFilterLength) + " are allowed");
         }
         if (const std::string why = backtracking_risk(*entry.pattern); !why.empty()) {
-          ctx.fail(kv.second, key + ".filter", "the regular expression '" + *entry.pattern + "' " + why);
+          ctx.fail(kv.second, key + ".filter_regex", "the regular expression '" + *entry.pattern + "' " + why);
         }
         try {
           entry.regex = std::regex(*entry.pattern, std::regex::ECMAScript);
         } catch (const std::regex_error& e) {
-          ctx.fail(kv.second, key + ".filter", "invalid regular expression '" + *entry.pattern + "': " + e.what());
+          ctx.fail(kv.second, key + ".filter_regex", "invalid regular expression '" + *entry.pattern + "': " + e.what());
         }
       } else if (k == "value") {
         entry.values = parse_scalar_or_list(ctx, kv.second, key, spec);
         has_value = true;
       } else {
-        ctx.fail(kv.first, key, "unknown key '" + k + "' in a filter entry (expected filter, value)");
+        ctx.fail(kv.first, key, "unknown key '" + k + "' in a filter entry (expected filter or filter_regex, and value)");
       }
     }
     if (!has_value) ctx.fail(item, key, "a filter entry needs a 'value'");
     value.filters.push_back(std::move(entry));
   }
   return value;
+}
+
+// Parameter names mergekit's methods take (mergekit/merge_methods/*.py), for "has no effect" warnings.
+const std::set<std::string, std::less<>>& mergekit_param_names() {
+  static const std::set<std::string, std::less<>> names = {
+      "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "filter_wise",
+      "scale", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol", "select_topk",
+      "r", "alpha"};
+  return names;
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// " (did you mean 'density'?)" for the closest known name within 2 edits (or a third of its length).
+std::string did_you_mean(const std::string& name, const std::vector<std::string>& known) {
+  std::string best;
+  std::size_t best_d = static_cast<std::size_t>(-1);
+  for (const auto& k : known) {
+    const std::size_t d = edit_distance(name, k);
+    if (d < best_d) {
+      best_d = d;
+      best = k;
+    }
+  }
+  if (best.empty() || best_d > std::max<std::size_t>(2, best.size() / 3)) return "";
+  return " (did you mean '" + best + "'?)";
+}
+
+// A name some method accepts, taskvec's or mergekit's: under another method it has no effect (mergekit
+// ignores such a parameter), so it gets a warning; any other name is a misspelling and an error.
+bool known_elsewhere(const std::string& name) {
+  if (mergekit_param_names().count(name)) return true;
+  for (const auto& m : merge_methods())
+    if (m.find_param(name)) return true;
+  return false;
 }
 
 std::map<std::string, RecipeValue> parse_params(const Ctx& ctx, const YAML::Node& node, const std::string& where,
@@ -245,41 +315,53 @@ std::map<std::string, RecipeValue> parse_params(const Ctx& ctx, const YAML::Node
     const std::string name = kv.first.as<std::string>();
     const MergeParamSpec* spec = method.find_param(name);
     const std::string key = where + "." + name;
-    if (!spec)
+    if (!spec) {
+      if (known_elsewhere(name)) {
+        ctx.warn(kv.first, key, "has no effect on " + std::string(method.name) + " (ignored, as mergekit ignores it)");
+        continue;
+      }
+      std::vector<std::string> known;
+      for (const auto& p : method.params) known.emplace_back(p.name);
+      std::string hint = did_you_mean(name, known);
+      if (hint.empty()) {
+        for (const auto& m : merge_methods())
+          for (const auto& p : m.params) known.emplace_back(p.name);
+        known.insert(known.end(), mergekit_param_names().begin(), mergekit_param_names().end());
+        hint = did_you_mean(name, known);
+      }
       ctx.fail(kv.first, key,
-               "unknown parameter for " + std::string(method.name) + " (accepted: " + join_params(method, model_scope) + ")");
-    if (model_scope && spec->scope != MergeParamScope::kModel)
-      ctx.fail(kv.first, key, "is a global parameter: put it under the top-level 'parameters'");
+               "unknown parameter" + hint + "; " + std::string(method.name) + " accepts " + join_params(method, model_scope));
+    }
+    if (model_scope && spec->scope != MergeParamScope::kModel) {
+      ctx.warn(kv.first, key,
+               "is a global parameter: under a model it has no effect (ignored, as mergekit ignores it); put it under the "
+               "top-level 'parameters'");
+      continue;
+    }
     if (out.count(name)) ctx.fail(kv.first, key, "given twice");
     out.emplace(name, parse_value(ctx, kv.second, key, *spec));
   }
   return out;
 }
 
-std::filesystem::path parse_path(const Ctx& ctx, const YAML::Node& node, const std::string& key,
-                                 const std::filesystem::path& folder) {
+// A path as written: relative ones resolve against the working directory, as in mergekit.
+std::filesystem::path parse_path(const Ctx& ctx, const YAML::Node& node, const std::string& key) {
   if (!node.IsScalar() || node.Scalar().empty()) ctx.fail(node, key, "expected a path");
-  std::filesystem::path p = node.Scalar();
-  if (p.is_relative() && !folder.empty()) p = folder / p;
-  return p;
+  return node.Scalar();
 }
 
 // A model reference as mergekit writes it: PATH, or PATH+ADAPTER (a PEFT LoRA adapter applied to PATH;
 // mergekit splits at '+', so a '+' always separates the two).
 std::pair<std::filesystem::path, std::optional<std::filesystem::path>> parse_model_ref(
-    const Ctx& ctx, const YAML::Node& node, const std::string& key, const std::filesystem::path& folder) {
+    const Ctx& ctx, const YAML::Node& node, const std::string& key) {
   if (!node.IsScalar() || node.Scalar().empty()) ctx.fail(node, key, "expected a path");
   const std::string text = node.Scalar();
   const auto plus = text.find('+');
-  if (plus == std::string::npos) return {parse_path(ctx, node, key, folder), std::nullopt};
+  if (plus == std::string::npos) return {parse_path(ctx, node, key), std::nullopt};
   if (text.find('+', plus + 1) != std::string::npos || plus == 0 || plus + 1 == text.size()) {
     ctx.fail(node, key, "expected MODEL or MODEL+ADAPTER (one '+', as mergekit reads it), got '" + escape_control(text) + "'");
   }
-  const auto resolve = [&](std::filesystem::path p) {
-    if (p.is_relative() && !folder.empty()) p = folder / p;
-    return p;
-  };
-  return {resolve(text.substr(0, plus)), resolve(text.substr(plus + 1))};
+  return {std::filesystem::path(text.substr(0, plus)), std::filesystem::path(text.substr(plus + 1))};
 }
 
 DType parse_dtype_key(const Ctx& ctx, const YAML::Node& node, const std::string& key) {
@@ -381,8 +463,11 @@ int merge_layer_index(std::string_view name) {
 }
 
 namespace {
+// mergekit's gradient: layer i of num_layers sits at t = i / (num_layers - 1), t = 1 for a single layer;
+// a tensor outside the layers (embeddings, final norm, head) at t = 0.
 double interpolate(const std::vector<double>& v, int layer, int num_layers) {
-  if (v.size() == 1 || layer < 0 || num_layers <= 1) return v.front();
+  if (v.size() == 1 || layer < 0) return v.front();
+  if (num_layers <= 1) return v.back();
   double x = static_cast<double>(layer) / (num_layers - 1) * static_cast<double>(v.size() - 1);
   x = std::clamp(x, 0.0, static_cast<double>(v.size() - 1));
   const auto i = static_cast<std::size_t>(std::floor(x));
@@ -392,10 +477,16 @@ double interpolate(const std::vector<double>& v, int layer, int num_layers) {
 }
 }  // namespace
 
+bool RecipeValue::FilterEntry::matches(const std::string& tensor_name) const {
+  if (!pattern) return true;
+  if (is_regex) return std::regex_search(tensor_name, regex);
+  return *pattern == "*" || tensor_name.find(*pattern) != std::string::npos;  // mergekit: `filter in name`
+}
+
 double RecipeValue::resolve(const std::string& tensor_name, int layer, int num_layers) const {
   if (kind != Kind::kFilters) return interpolate(values, layer, num_layers);
   for (const auto& f : filters)
-    if (!f.pattern || std::regex_search(tensor_name, f.regex)) return interpolate(f.values, layer, num_layers);
+    if (f.matches(tensor_name)) return interpolate(f.values, layer, num_layers);
   return std::nan("");  // no entry matched: the caller uses the default
 }
 
@@ -414,6 +505,7 @@ void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector
     const std::string name(spec.name);
     const auto git = params.find(name);
     const RecipeValue* gv = git == params.end() ? nullptr : &git->second;
+    if (name == "disjoint" && !gv) continue;  // taskvec's explicit divisor; else normalize decides (below)
     if (spec.scope == MergeParamScope::kGlobal) {
       merge_detail::apply_param(name, pick(gv, spec.default_value), nullptr, &global);
       continue;
@@ -425,13 +517,12 @@ void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector
                                 nullptr);
     }
   }
-  // TIES family: `normalize` is mergekit's spelling of the disjoint merge (true = mean, false = sum).
-  if (method->find_param("disjoint")) {
-    if (params.count("normalize")) global.disjoint_sum = !global.normalize;
-    global.normalize = false;
-  }
+  // TIES family: mergekit's normalize divides by the sum of the agreeing weights; taskvec's `disjoint`
+  // (mean = / sum |w|, sum = no division) replaces it when given.
+  if (method->find_param("disjoint") && !params.count("disjoint"))
+    global.divisor = global.normalize ? MergeDivisor::kSignedWeights : MergeDivisor::kNone;
   const std::string at = file.string() + ": tensor '" + tensor_name + "'";
-  if (global.normalize) {
+  if (global.normalize && method->name == "linear") {  // mergekit divides by 0 here; taskvec refuses
     double sum = 0;
     for (const auto& p : model_params) sum += p.weight;
     if (sum == 0) throw Error(ErrorCode::kRecipe, at + ": 'normalize': the weights sum to 0");
@@ -439,10 +530,10 @@ void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector
   if (method->find_param("epsilon")) {
     for (std::size_t m = 0; m < model_params.size(); ++m) {
       const auto& p = model_params[m];
-      if (p.density - p.epsilon < 0 || p.density + p.epsilon > 1)
+      if (p.density < 1 && (p.density - p.epsilon <= 0 || p.density + p.epsilon >= 1))
         throw Error(ErrorCode::kRecipe, at + ": models[" + std::to_string(m) + "] 'epsilon': density " +
-                                            std::to_string(p.density) + " +- epsilon " + std::to_string(p.epsilon) +
-                                            " leaves [0, 1]");
+                                            fmt::format("{:g}", p.density) + " +- epsilon " + fmt::format("{:g}", p.epsilon) +
+                                            " must lie inside (0, 1) (mergekit refuses it too)");
     }
   }
 }
@@ -496,7 +587,8 @@ DocumentStarts count_documents(const std::string& text, std::size_t limit) {
 }
 
 Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
-  Ctx ctx{file.string()};
+  Recipe r;
+  Ctx ctx{file.string(), &r.warnings};
   YAML::Node root;
   try {
     // Load reads the first document only and would silently drop the others, so the documents are
@@ -520,26 +612,38 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
   if (!root.IsMap()) throw Error(ErrorCode::kRecipe, ctx.file + ": a recipe is a YAML mapping (merge_method, models, ...)");
   TreeWalk walk{ctx, {}, 0};
   check_tree(walk, root, "", 1);
-  const std::filesystem::path folder = file == "<string>" ? std::filesystem::path() : file.parent_path();
 
-  Recipe r;
   r.file = file;
-  static const std::set<std::string> kKeys = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"};
+  static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"};
+  // mergekit's top-level keys taskvec does not read yet (docs/MERGEKIT.md).
+  static const std::set<std::string> kMergekitKeys = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"};
   for (const auto& kv : root) {
     const std::string k = kv.first.as<std::string>();
-    if (!kKeys.count(k))
-      ctx.fail(kv.first, k, "unknown key (accepted: merge_method, base_model, models, parameters, dtype, out_dtype, seed)");
+    if (std::find(kKeys.begin(), kKeys.end(), k) != kKeys.end()) continue;
+    if (kMergekitKeys.count(k))
+      ctx.fail(kv.first, k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
+    ctx.fail(kv.first, k, "unknown key" + did_you_mean(k, kKeys) +
+                              " (accepted: merge_method, base_model, models, parameters, dtype, out_dtype, seed)");
   }
   const YAML::Node method = root["merge_method"];
   if (!method) ctx.fail_plain("merge_method", "missing");
   if (!method.IsScalar()) ctx.fail(method, "merge_method", "expected a method name");
   r.method = find_merge_method(method.Scalar());
   if (!r.method) {
+    static const std::set<std::string> kMergekitMethods = {"nuslerp", "multislerp", "karcher", "sce", "nearswap",
+                                                           "arcee_fusion", "ram", "ramplus_tl", "passthrough"};
+    if (kMergekitMethods.count(method.Scalar()))
+      ctx.fail(method, "merge_method", "'" + method.Scalar() + "' is a mergekit method taskvec does not support yet (docs/MERGEKIT.md)");
     std::string names;
-    for (const auto& m : merge_methods()) names += (names.empty() ? "" : ", ") + std::string(m.name);
-    ctx.fail(method, "merge_method", "unknown method '" + method.Scalar() + "' (known: " + names + ")");
+    std::vector<std::string> known;
+    for (const auto& m : merge_methods()) {
+      names += (names.empty() ? "" : ", ") + std::string(m.name);
+      known.emplace_back(m.name);
+    }
+    ctx.fail(method, "merge_method",
+             "unknown method '" + escape_control(method.Scalar()) + "'" + did_you_mean(method.Scalar(), known) + " (known: " + names + ")");
   }
-  if (const auto base = root["base_model"]) std::tie(r.base_model, r.base_model_adapter) = parse_model_ref(ctx, base, "base_model", folder);
+  if (const auto base = root["base_model"]) std::tie(r.base_model, r.base_model_adapter) = parse_model_ref(ctx, base, "base_model");
   if (const auto seed = root["seed"]) {
     try {
       const auto s = seed.as<long long>();
@@ -565,7 +669,7 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     const std::string where = "models[" + std::to_string(i) + "]";
     RecipeModel m;
     if (item.IsScalar()) {
-      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item, where, folder);
+      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item, where);
     } else {
       if (!item.IsMap()) ctx.fail(item, where, "expected {model: PATH, parameters: {...}}");
       for (const auto& kv : item) {
@@ -574,10 +678,10 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
           ctx.fail(kv.first, where + "." + k, "unknown key (accepted: model, adapter, parameters)");
       }
       if (!item["model"]) ctx.fail(item, where + ".model", "missing");
-      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item["model"], where + ".model", folder);
+      std::tie(m.path, m.adapter) = parse_model_ref(ctx, item["model"], where + ".model");
       if (const auto a = item["adapter"]) {
         if (m.adapter) ctx.fail(a, where + ".adapter", "given twice: in 'model: MODEL+ADAPTER' and in 'adapter:'");
-        m.adapter = parse_path(ctx, a, where + ".adapter", folder);
+        m.adapter = parse_path(ctx, a, where + ".adapter");
       }
       if (const auto p = item["parameters"]; p && !p.IsNull())
         m.params = parse_params(ctx, p, where + ".parameters", *r.method, true);
@@ -587,6 +691,68 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
 
   const std::string mname(r.method->name);
   if (r.method->needs_base && !r.base_model) ctx.fail_plain("base_model", "missing: " + mname + " needs a base model");
+  // mergekit uses a models entry that is the base_model only as the base (generalized task arithmetic
+  // skips it, model_stock and slerp take it as w_0 / the t = 0 end); linear averages it like any model.
+  if (r.base_model && mname != "linear") {
+    const auto same = [](const std::filesystem::path& a, const std::filesystem::path& b) {
+      const auto norm = [](const std::filesystem::path& p) {  // symlinks resolved where the path exists
+        std::error_code ec;
+        const auto abs = std::filesystem::absolute(p, ec).lexically_normal();
+        const auto c = std::filesystem::weakly_canonical(abs, ec);
+        return ec ? abs : c.lexically_normal();
+      };
+      return norm(a) == norm(b);
+    };
+    const auto is_base = [&](const RecipeModel& m) {
+      if (!same(m.path, *r.base_model)) return false;
+      if (m.adapter.has_value() != r.base_model_adapter.has_value()) return false;
+      return !m.adapter || same(*m.adapter, *r.base_model_adapter);
+    };
+    std::vector<RecipeModel> kept;
+    for (std::size_t i = 0; i < r.models.size(); ++i) {
+      if (!is_base(r.models[i])) {
+        kept.push_back(std::move(r.models[i]));
+        continue;
+      }
+      ctx.warn(models[i], fmt::format("models[{}]", i),
+               "is the base_model: used only as the base (" +
+                   std::string(mname == "slerp" ? "the t = 0 end" : "its task vector would be zero") +
+                   "), as mergekit does" + (r.models[i].params.empty() ? "" : "; its parameters are ignored"));
+    }
+    r.models = std::move(kept);
+    if (r.models.empty())
+      ctx.fail(models, "models", "every entry is the base_model: " + mname + " needs at least one other model");
+  }
+  if (mname == "model_stock" && r.models.size() < 2)
+    ctx.warn(models, "models",
+             "model_stock with one model besides the base gives that model (ratio 1); mergekit refuses fewer than two");
+  if (mname == "slerp" && r.base_model && r.models.size() == 2)
+    ctx.warn(models, "models",
+             "slerp with a base_model that is not one of its two models: taskvec interpolates models[0] (t = 0) to "
+             "models[1] and ignores the base; mergekit refuses this recipe");
+  if (mname == "linear" && r.base_model) {
+    bool listed = false;
+    for (const auto& m : r.models) listed = listed || (m.path == *r.base_model && m.adapter == r.base_model_adapter);
+    if (!listed && r.params.count("weight")) {
+      // mergekit appends the base_model to the inputs; with a global weight it is averaged in.
+      RecipeModel b;
+      b.path = *r.base_model;
+      b.adapter = r.base_model_adapter;
+      r.models.push_back(std::move(b));
+      ctx.warn(root["base_model"], "base_model",
+               "linear averages the base_model too (it is not in models, and mergekit appends it with the global weight)");
+    } else if (!listed) {
+      ctx.warn(root["base_model"], "base_model",
+               "linear ignores a base_model that is not in models (mergekit would append it and fail for want of a weight)");
+    }
+  }
+  if (const auto it = r.params.find("t"); it != r.params.end() && mname == "slerp") {
+    for (double v : it->second.values)
+      if (v < 0 || v > 1) {
+        ctx.warn(root["parameters"], "parameters.t", fmt::format("t = {:g} lies outside [0, 1]: slerp extrapolates", v));
+        break;
+      }
+  }
   std::size_t endpoints = r.models.size();
   if (r.method->name == "slerp" && r.base_model && r.models.size() == 1) endpoints = 2;  // base is the t = 0 end
   if (endpoints < r.method->min_models || endpoints > r.method->max_models)

@@ -20,11 +20,13 @@ struct Result {
   std::string out, err;
 };
 
-/// Runs `prefix taskvec args` (prefix: environment or ulimit settings, ending in a space); stderr goes
-/// through `dir`/stderr.txt. `args` is shell text: quote paths that need it.
+/// Runs `prefix taskvec args` (prefix: environment or ulimit settings, ending in a space) in the folder
+/// `dir`, as a user would run it beside their models (recipe paths are relative to the working directory);
+/// stderr goes through `dir`/stderr.txt. `args` is shell text: quote paths that need it.
 inline Result run(const std::string& args, const TempDir& dir, const std::string& prefix = "") {
   const auto err_path = dir / "stderr.txt";
-  const std::string command = prefix + std::string(TASKVEC_BIN) + " " + args + " 2>" + err_path.string();
+  const std::string command = "cd '" + dir.path().string() + "' && " + prefix + std::string(TASKVEC_BIN) + " " + args +
+                              " 2>" + err_path.string();
   Result r;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return r;

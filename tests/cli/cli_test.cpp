@@ -157,9 +157,9 @@ TEST_F(Cli, MergeRecipe) {
   for (const char* name : {"enc.w", "head.w"}) {
     EXPECT_EQ(read_tensor_bytes(dir / "ties.safetensors", name), read_tensor_bytes(dir / "half.safetensors", name)) << name;
   }
-  // An unknown key and a density outside (0, 1] are recipe errors (exit 2), nothing written.
+  // An unknown key and a density that is not > 0 are recipe errors (exit 2), nothing written.
   std::ofstream(dir / "bad.yaml") << "merge_method: ties\nbase_model: pre.safetensors\nmodels:\n"
-                                     "  - model: a.safetensors\nparameters:\n  density: 1.5\n";
+                                     "  - model: a.safetensors\nparameters:\n  density: -0.5\n";
   EXPECT_EQ(run("merge " + p("bad.yaml") + " -o " + p("bad.safetensors"), dir).status, 2);
   std::ofstream(dir / "bad2.yaml") << "merge_method: ties\nbase_modle: pre.safetensors\nmodels:\n  - model: a.safetensors\n";
   EXPECT_EQ(run("merge " + p("bad2.yaml") + " -o " + p("bad.safetensors"), dir).status, 2);

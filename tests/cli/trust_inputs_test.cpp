@@ -147,8 +147,8 @@ TEST_F(TrustInputs, MergeRefusesAHeadOnlyTheFineTunesHave) {
 TEST_F(TrustInputs, MergeWarnsAboutAChangedIntegerTensorAsEditDoes) {
   write_model(dir / "ipre.safetensors", {{"ids", DType::kI64, {2}, {0, 1}}, {"w", DType::kF32, {1}, {1}}});
   write_model(dir / "ift.safetensors", {{"ids", DType::kI64, {2}, {0, 9}}, {"w", DType::kF32, {1}, {2}}});
-  std::ofstream(dir / "ir.yaml") << "merge_method: task_arithmetic\nbase_model: ipre.safetensors\nmodels:\n"
-                                    "  - model: ift.safetensors\n";
+  std::ofstream(dir / "ir.yaml") << "merge_method: task_arithmetic\nbase_model: " + p("ipre.safetensors") +
+                                        "\nmodels:\n  - model: " + p("ift.safetensors") + "\n";
   Result m = run("merge " + p("ir.yaml") + " -o " + p("m.safetensors"), dir);
   Result e = run("edit -m pre=" + p("ipre.safetensors") + " -m f=" + p("ift.safetensors") + " 'pre + tau(f)' -o " +
                      p("e.safetensors"),

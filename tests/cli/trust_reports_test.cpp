@@ -53,11 +53,11 @@ TEST_F(TrustReportsCli, TiesScalarDeltaDroppedIsWarned) {
   const Result r = run("merge -q " + p("ties.yaml") + " -o " + p("out.safetensors"), dir);
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(read_values(dir / "out.safetensors", "scale"), (std::vector<double>{1}));  // the base: delta dropped
-  EXPECT_NE(r.err.find("taskvec: warning: tensor 'scale' (1 element): ties keeps round(density x 1) = 0 of its "
+  EXPECT_NE(r.err.find("taskvec: warning: tensor 'scale' (1 element): ties keeps floor(density x 1) = 0 of its "
                        "elements, so the non-zero task vector of models[0] (density 0.2) is dropped"),
             std::string::npos)
       << r.err;
-  EXPECT_EQ(r.err.find("'w'"), std::string::npos) << r.err;  // round(0.2 x 5) = 1 kept
+  EXPECT_EQ(r.err.find("'w'"), std::string::npos) << r.err;  // int(0.2 x 5) = 1 kept
 }
 
 TEST_F(TrustReportsCli, ApplyThatErasesATensorIsWarnedDiffIsNot) {

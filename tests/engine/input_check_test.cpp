@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "engine/recipe_at.hpp"
 #include "support/builders.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
@@ -61,11 +62,7 @@ fs::path write_folder(const TempDir& dir, const std::string& name, const std::ve
   return folder;
 }
 
-Recipe recipe_at(const TempDir& dir, const std::string& yaml) {
-  const auto path = dir / "recipe.yaml";
-  std::ofstream(path) << yaml;
-  return load_recipe(path);
-}
+using test::recipe_at;
 
 std::string fmt_recipe(const fs::path& quantized, const fs::path& plain) {
   return "merge_method: task_arithmetic\nbase_model: " + plain.string() + "\nmodels:\n  - model: " + quantized.string() +
@@ -383,7 +380,7 @@ TEST_F(ExtraTensors, KeptUnchangedFromTheNamedModel) {
   o.write.force = true;
   merge_checkpoints(recipe(), out(), o);
   EXPECT_EQ(read_values(out(), "score.weight"), (std::vector<double>{5, 6}));
-  o.keep_extra_tensors_from = "b.safetensors";  // relative to the recipe's folder
+  o.keep_extra_tensors_from = (dir / "b.safetensors").string();  // a path to the same file
   merge_checkpoints(recipe(), out(), o);
   EXPECT_EQ(read_values(out(), "score.weight"), (std::vector<double>{7, 8}));
 }

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <random>
 
+#include "engine/recipe_at.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/error.hpp"
@@ -17,11 +18,7 @@ using test::read_values;
 using test::TempDir;
 using test::write_model;
 
-Recipe recipe_at(const TempDir& dir, const std::string& yaml) {
-  const auto path = dir / "recipe.yaml";
-  std::ofstream(path) << yaml;
-  return load_recipe(path);
-}
+using test::recipe_at;
 
 EditOptions opts(unsigned threads = 1) {
   EditOptions o;
@@ -176,7 +173,8 @@ TEST(MergeDriver, ElementwiseMethodsRunInChunksWithTheSameBytes) {
 TEST(MergeDriver, SeedChangesDareButNotTies) {
   TempDir dir;
   write_random_models(dir);
-  const std::string body = "\nbase_model: base.safetensors\nmodels: [a.safetensors, b.safetensors]\n";
+  const std::string body =
+      "\nbase_model: base.safetensors\nmodels: [a.safetensors, b.safetensors]\nparameters: {density: 0.5}\n";
   merge_checkpoints(recipe_at(dir, "merge_method: dare_linear" + body + "seed: 1\n"), dir / "s1.safetensors", opts());
   merge_checkpoints(recipe_at(dir, "merge_method: dare_linear" + body + "seed: 2\n"), dir / "s2.safetensors", opts());
   EXPECT_NE(test::file_bytes(dir / "s1.safetensors"), test::file_bytes(dir / "s2.safetensors"));
@@ -246,8 +244,7 @@ TEST(MergeDriver, MemoryBudgetAndPerTensorRecipeErrorsFailBeforeWriting) {
                         small),
             ErrorCode::kTensorTooLarge);
   EXPECT_EQ(merge_error(recipe_at(dir, R"(
-merge_method: task_arithmetic
-base_model: base.safetensors
+merge_method: linear
 models:
   - model: a.safetensors
     parameters: {weight: [{filter: embed, value: 0}, {value: 1}]}

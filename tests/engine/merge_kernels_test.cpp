@@ -54,7 +54,7 @@ Case random_case(std::size_t n, std::size_t models, unsigned seed) {
 
 TEST(MergeRegistry, EveryMethodIsRegisteredWithSaneDefaults) {
   const char* names[] = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                         "breadcrumbs_ties", "della", "model_stock", "slerp", "magnitude_prune", "consensus",
+                         "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "magnitude_prune", "consensus",
                          "tsv_merge", "iso_c"};
   for (const char* name : names) {
     const MergeMethod* m = find_merge_method(name);
@@ -70,7 +70,7 @@ TEST(MergeRegistry, EveryMethodIsRegisteredWithSaneDefaults) {
   EXPECT_EQ(merge_methods().size(), std::size(names));
   EXPECT_EQ(find_merge_method("frankenmerge"), nullptr);
   EXPECT_FALSE(find_merge_method("slerp")->needs_base);
-  EXPECT_EQ(find_merge_method("ties")->find_param("density")->default_value, 0.2);
+  EXPECT_EQ(find_merge_method("ties")->find_param("density")->default_value, 1.0);  // mergekit's default
 }
 
 // ---------------- linear / task arithmetic ----------------
@@ -104,7 +104,12 @@ TEST(MergeLinear, NormalizeWithZeroWeightSumIsAnError) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
   }
-  EXPECT_THROW(c.run(merge_task_arithmetic), Error);
+  // mergekit's task arithmetic divides by 1 where |sum w| < 1e-8 (and says so): base + tau_0 - tau_1.
+  std::vector<std::string> notes;
+  c.notes = &notes;
+  expect_near(c.run(merge_task_arithmetic), {-2, -2});
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("the weights sum to 0"), std::string::npos) << notes[0];
 }
 
 TEST(MergeTaskArithmetic, WorkedExample) {
@@ -144,7 +149,7 @@ TEST(MergeTies, WorkedExampleCleanTrimDensity40) {
   Case c = worked_example();
   c.set_density(0.4f);  // keeps 2 of 5
   expect_near(c.run(merge_ties), {0.5f, -0.7f, 0.6f, 0.0f, 0.9f});
-  c.global.disjoint_sum = true;  // no coordinate has two agreeing survivors
+  c.global.divisor = MergeDivisor::kNone;  // no coordinate has two agreeing survivors
   expect_near(c.run(merge_ties), {0.5f, -0.7f, 0.6f, 0.0f, 0.9f});
   c.global.lambda = 0.5f;
   expect_near(c.run(merge_ties), {0.25f, -0.35f, 0.3f, 0.0f, 0.45f});
@@ -160,7 +165,7 @@ TEST(MergeTies, WorkedExampleNoTrim) {
   Case c = worked_example();
   c.set_density(1.0f);
   expect_near(c.run(merge_ties), {0.3f, -0.4f, 0.45f, 0.4f, -0.55f});
-  c.global.disjoint_sum = true;
+  c.global.divisor = MergeDivisor::kNone;
   expect_near(c.run(merge_ties), {0.6f, -0.8f, 0.9f, 0.4f, -1.1f});
 }
 
@@ -180,14 +185,14 @@ TEST(MergeTies, WorkedExampleOfficialTrimWithWholeModelThreshold) {
   EXPECT_FLOAT_EQ(c.thresholds[1], 0.3f);
   EXPECT_FLOAT_EQ(c.thresholds[2], 0.4f);
   expect_near(c.run(merge_ties), {0.5f, -0.7f, 0.45f, 0.4f, -0.55f});
-  c.global.disjoint_sum = true;
+  c.global.divisor = MergeDivisor::kNone;
   expect_near(c.run(merge_ties), {0.5f, -0.7f, 0.9f, 0.4f, -1.1f});
 }
 
 TEST(MergeTies, AllSignsAgreeNoTrimIsMeanAndSumIsTaskArithmetic) {
   Case c = Case::from_taus({0, 0, 0}, {{1, -2, 0.5f}, {3, -4, 1.5f}});
   expect_near(c.run(merge_ties), {2, -3, 1});
-  c.global.disjoint_sum = true;
+  c.global.divisor = MergeDivisor::kNone;
   expect_near(c.run(merge_ties), {4, -6, 2});
 }
 
@@ -206,9 +211,15 @@ TEST(MergeTies, ZerosInTaskVectors) {
 }
 
 TEST(MergeTies, NegativeWeightsAndMajorityFill) {
-  // c1 = [1, 2], c2 = -[1, -1] = [-1, 1]: mass [0, 3] -> coordinate 0 takes the majority sign (+).
+  // c1 = [1, 2], c2 = -[1, -1] = [-1, 1]: mass [0, 3].
   Case c = Case::from_taus({0, 0}, {{1, 2}, {1, -1}});
   c.params[1].weight = -1;
+  // mergekit: coordinate 0 elects + (sum >= 0), c1 agrees: 1 / w1 = 1; coordinate 1: both agree,
+  // (2 + 1) / (w1 + w2) = 3 / 0, and a zero divisor is 1: 3.
+  expect_near(c.run(merge_ties), {1, 3});
+  // taskvec's rules: the majority sign (+) and / sum |w|: 1 / 1, 3 / 2.
+  c.global.sign_tie_majority = true;
+  c.global.divisor = MergeDivisor::kAbsWeights;
   expect_near(c.run(merge_ties), {1, 1.5f});
 }
 
@@ -216,11 +227,15 @@ TEST(MergeTies, MajorityFillPicksTheAgreeingSurvivor) {
   Case c = Case::from_taus({0, 0, 0}, {{0.5f, 1, 1}, {-0.5f, 0, 0}});
   expect_near(c.run(merge_ties), {0.5f, 1, 1});
   Case d = Case::from_taus({0, 0, 0}, {{0.5f, -1, -1}, {-0.5f, 0, 0}});
-  expect_near(d.run(merge_ties), {-0.5f, -1, -1});
+  expect_near(d.run(merge_ties), {0.5f, -1, -1});  // mergekit: a zero sum elects +
+  d.global.sign_tie_majority = true;
+  expect_near(d.run(merge_ties), {-0.5f, -1, -1});  // the tensor's majority sign is -
 }
 
 TEST(MergeTies, AllSignsCancellingLeavesTheBase) {
   Case c = Case::from_taus({1, 2, 3}, {{1, -2, 3}, {-1, 2, -3}});
+  expect_near(c.run(merge_ties), {2, 4, 6});  // mergekit: every sum is 0, + wins, the positive delta stays
+  c.global.sign_tie_majority = true;          // no majority sign: nothing agrees
   expect_near(c.run(merge_ties), {1, 2, 3});
 }
 
@@ -271,11 +286,15 @@ TEST(MagnitudeThreshold, KeepsTiesAndHandlesEmptyKeep) {
   EXPECT_TRUE(std::isinf(none.threshold()));
 }
 
-TEST(MergeKeepCount, RoundsHalfUp) {
+TEST(MergeKeepCount, FloorsAsMergekitOrRoundsHalfUp) {
   EXPECT_EQ(merge_keep_count(0.4, 5), 2u);
-  EXPECT_EQ(merge_keep_count(0.1, 5), 1u);   // 0.5 -> 1
-  EXPECT_EQ(merge_keep_count(0.1, 4), 0u);
+  EXPECT_EQ(merge_keep_count(0.1, 5), 0u);   // int(0.5) = 0
+  EXPECT_EQ(merge_keep_count(0.39, 10), 3u);
+  EXPECT_EQ(merge_keep_count(0.1, 5, true), 1u);   // 0.5 -> 1
+  EXPECT_EQ(merge_keep_count(0.39, 10, true), 4u);
+  EXPECT_EQ(merge_keep_count(0.1, 4, true), 0u);
   EXPECT_EQ(merge_keep_count(1.0, 7), 7u);
+  EXPECT_EQ(merge_keep_count(1.5, 7), 7u);
   EXPECT_EQ(merge_keep_count(0.0, 7), 0u);
 }
 
@@ -305,6 +324,7 @@ TEST(MergeDare, KeptFractionMatchesDensity) {
 TEST(MergeDare, SurvivorsAreRescaledOrDropped) {
   Case c = Case::from_taus(std::vector<float>(64, 1.0f), {std::vector<float>(64, 0.5f)});
   c.set_density(0.25f);
+  c.global.rescale = MergeRescale::kInverseDensity;
   int kept = 0;
   for (float x : c.run(merge_dare_linear)) {
     EXPECT_TRUE(x == 1.0f || x == 3.0f) << x;  // 1 + 0.5 / 0.25
@@ -312,13 +332,18 @@ TEST(MergeDare, SurvivorsAreRescaledOrDropped) {
   }
   EXPECT_GT(kept, 0);
   EXPECT_LT(kept, 64);
-  c.global.rescale = false;
+  c.global.rescale = MergeRescale::kNone;
   for (float x : c.run(merge_dare_linear)) EXPECT_TRUE(x == 1.0f || x == 1.5f);
+  // mergekit's rescale: one factor |tau|_1 / |kept|_1 = 64 / kept for the tensor.
+  c.global.rescale = MergeRescale::kL1Norm;
+  const float scaled = 1.0f + 0.5f * (64.0f * 0.5f / (static_cast<float>(kept) * 0.5f));
+  for (float x : c.run(merge_dare_linear)) EXPECT_TRUE(x == 1.0f || std::fabs(x - scaled) < 1e-6f) << x << " " << scaled;
 }
 
 TEST(MergeDare, MonteCarloMeanOverSeedsIsTheTaskVector) {
   Case c = worked_example();
   c.set_density(0.5f);
+  c.global.rescale = MergeRescale::kInverseDensity;  // the paper's rule: unbiased per element
   const int seeds = 4000;
   std::vector<double> mean(5, 0.0);
   for (int s = 0; s < seeds; ++s) {
@@ -354,6 +379,7 @@ TEST(MergeDare, KernelMasksAreTheChunkApiMasks) {
     Case c = Case::from_taus(std::vector<float>(tau.size(), 0.0f), {tau});
     c.name = "blocks.4.mlp";
     c.global.seed = 77;
+    c.global.rescale = MergeRescale::kInverseDensity;
     c.set_density(density);
     std::vector<float> want = tau;
     dare_drop(want, merge_rng_key(77, "blocks.4.mlp", 0), 0, density, true);
@@ -420,23 +446,35 @@ TEST(MergeBreadcrumbs, TwoModelsLinearAndTies) {
 
 TEST(MergeBreadcrumbs, TensorSmallerThanOneOverGammaKeepsItsDelta) {
   Case c = Case::from_taus({0, 0, 0, 0, 0}, {{0.5f, -0.1f, 0.3f, 0.2f, -0.8f}});
-  c.params[0].gamma = 0.01f;  // round(0.05) = 0 outliers
+  c.params[0].gamma = 0.01f;  // int(0.05) = 0 outliers
   c.params[0].density = 1.0f;
   expect_near(c.run(merge_breadcrumbs), {0.5f, -0.1f, 0.3f, 0.2f, -0.8f});
+  // mergekit keeps sorted[n_bot:-0], nothing; taskvec keeps the int(0.4 * 5) = 2 largest and notes it.
+  std::vector<std::string> notes;
+  c.notes = &notes;
   c.params[0].density = 0.4f;
   expect_near(c.run(merge_breadcrumbs), {0.5f, 0, 0, 0, -0.8f});
-  // gamma + density > 1: keeps what is left after the outliers
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("mergekit keeps nothing"), std::string::npos) << notes[0];
+  // density >= 1 keeps everything, outliers included (mergekit returns the tensor untouched)
   c.params[0].gamma = 0.2f;
   c.params[0].density = 1.0f;
+  expect_near(c.run(merge_breadcrumbs), {0.5f, -0.1f, 0.3f, 0.2f, -0.8f});
+  // int(0.8 * 5) = 4 kept after int(0.2 * 5) = 1 outlier
+  c.params[0].density = 0.8f;
+  expect_near(c.run(merge_breadcrumbs), {0.5f, -0.1f, 0.3f, 0.2f, 0});
+  // gamma + density > 1: fewer outliers, so that int(0.9 * 5) = 4 are kept
+  c.params[0].gamma = 0.4f;
+  c.params[0].density = 0.9f;
   expect_near(c.run(merge_breadcrumbs), {0.5f, -0.1f, 0.3f, 0.2f, 0});
 }
 
 TEST(MergeMagnitudePrune, KeepsLargestAndOptionallyRescales) {
   Case c = Case::from_taus({0, 0, 0, 0}, {{0.9f, -0.5f, 0.3f, 0.1f}});
   c.set_density(0.5f);
-  c.global.rescale = false;
+  c.global.rescale = MergeRescale::kNone;
   expect_near(c.run(merge_magnitude_prune), {0.9f, -0.5f, 0, 0});
-  c.global.rescale = true;
+  c.global.rescale = MergeRescale::kInverseDensity;
   expect_near(c.run(merge_magnitude_prune), {1.8f, -1.0f, 0, 0});
 }
 
@@ -465,7 +503,7 @@ TEST(MergeDella, LargerMagnitudesAreKeptMoreOften) {
   c.params = {MergeModelParams{}};
   c.params[0].density = 0.5f;
   c.params[0].epsilon = 0.2f;
-  c.global.rescale = false;
+  c.global.rescale = MergeRescale::kNone;
   const auto out = c.run(merge_della);
   double small_kept = 0, large_kept = 0;
   for (std::size_t i = 0; i < out.size(); ++i) {
@@ -508,11 +546,17 @@ TEST(MergeBands, MatchAPlainSortOnTiedRandomValues) {
         Case c = Case::from_taus(std::vector<float>(n, 0.0f), {tau});
         c.params[0].density = density;
         c.params[0].gamma = gamma;
-        const std::size_t top = merge_keep_count(gamma, n), keep = merge_keep_count(density, n);
+        // mergekit's magnitude_outliers counts, computed here independently of merge_breadcrumbs_band.
+        std::size_t keep = n, top = 0;
+        if (density < 1) {
+          keep = static_cast<std::size_t>(std::floor(static_cast<double>(density) * static_cast<double>(n)));
+          top = static_cast<std::size_t>(std::floor(static_cast<double>(gamma) * static_cast<double>(n)));
+          if (top + keep > n) top = n - keep;
+        }
         EXPECT_EQ(c.run(merge_breadcrumbs), reference_band(tau, top, keep)) << n << " " << density << " " << gamma;
-        if (gamma == 0.0f) {
+        if (gamma == 0.0f) {  // no outliers: the band is the top-k of ties and magnitude_prune
           EXPECT_EQ(c.run(merge_ties), reference_band(tau, 0, keep)) << n << " " << density;
-          c.global.rescale = false;
+          c.global.rescale = MergeRescale::kNone;
           EXPECT_EQ(c.run(merge_magnitude_prune), reference_band(tau, 0, keep)) << n << " " << density;
         }
       }

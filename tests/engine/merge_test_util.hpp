@@ -18,6 +18,7 @@ struct Case {
   std::vector<MergeModelParams> params;
   MergeGlobalParams global;
   std::vector<float> thresholds;
+  std::vector<std::string>* notes = nullptr;  ///< receives the kernel's notes when set
 
   /// base + tau for each task vector; params default (weight 1, density 1).
   static Case from_taus(std::vector<float> base, const std::vector<std::vector<float>>& taus) {
@@ -45,6 +46,7 @@ struct Case {
     in.model_params = params;
     in.global = global;
     in.trim_thresholds = thresholds;
+    in.notes = notes;
     std::vector<float> out(in.element_count());
     kernel(in, out);
     return out;

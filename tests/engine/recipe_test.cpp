@@ -45,9 +45,10 @@ seed: 17
 )",
                                 "/recipes/r.yaml");
   EXPECT_EQ(r.method->name, "ties");
-  EXPECT_EQ(*r.base_model, std::filesystem::path("/recipes/base.safetensors"));
+  // Paths stay as written: mergekit resolves them against the working directory, not the recipe's folder.
+  EXPECT_EQ(*r.base_model, std::filesystem::path("base.safetensors"));
   ASSERT_EQ(r.models.size(), 2u);
-  EXPECT_EQ(r.models[0].path, std::filesystem::path("/recipes/a.safetensors"));
+  EXPECT_EQ(r.models[0].path, std::filesystem::path("a.safetensors"));
   EXPECT_EQ(r.models[1].path, std::filesystem::path("/abs/b.safetensors"));
   EXPECT_EQ(*r.dtype, DType::kBF16);
   EXPECT_EQ(*r.out_dtype, DType::kF16);
@@ -61,7 +62,7 @@ seed: 17
   EXPECT_FLOAT_EQ(mp[1].weight, 1.0f);    // method default
   EXPECT_FLOAT_EQ(mp[1].density, 0.3f);   // global default of a model parameter
   EXPECT_FLOAT_EQ(gp.lambda, 0.9f);
-  EXPECT_TRUE(gp.disjoint_sum);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kNone);
   EXPECT_FALSE(gp.trim_model);
   EXPECT_EQ(gp.seed, 17u);
 }
@@ -73,11 +74,13 @@ TEST(Recipe, MethodDefaults) {
   r.resolve("x", 1, mp, gp);
   EXPECT_TRUE(gp.normalize);  // linear normalizes by default
   EXPECT_FALSE(r.base_model);
+  // mergekit's registry: dare_ties has density 1, rescale true (L1 norm match), normalize false.
   const Recipe d = parse_recipe("merge_method: dare_ties\nbase_model: b\nmodels: [a]\n");
   d.resolve("x", 1, mp, gp);
-  EXPECT_FLOAT_EQ(mp[0].density, 0.5f);
-  EXPECT_TRUE(gp.rescale);
+  EXPECT_FLOAT_EQ(mp[0].density, 1.0f);
+  EXPECT_EQ(gp.rescale, MergeRescale::kL1Norm);
   EXPECT_FALSE(gp.normalize);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kNone);
 }
 
 TEST(Recipe, EmptyParameterBlocksAreAllowed) {
@@ -86,20 +89,26 @@ TEST(Recipe, EmptyParameterBlocksAreAllowed) {
   EXPECT_TRUE(r.models[0].params.empty());
 }
 
-TEST(Recipe, MergekitNormalizeSpellsTheDisjointMerge) {
+TEST(Recipe, MergekitNormalizeChoosesTheTiesDivisor) {
   std::vector<MergeModelParams> mp;
   MergeGlobalParams gp;
   const std::string base = "base_model: b\nmodels: [a]\n";
-  parse_recipe("merge_method: dare_ties\n" + base + "parameters: {normalize: false}\n").resolve("x", 1, mp, gp);
-  EXPECT_TRUE(gp.disjoint_sum);
-  EXPECT_FALSE(gp.normalize);
-  parse_recipe("merge_method: ties\n" + base + "parameters: {normalize: true}\n").resolve("x", 1, mp, gp);
-  EXPECT_FALSE(gp.disjoint_sum);
+  parse_recipe("merge_method: dare_ties\n" + base + "parameters: {normalize: true}\n").resolve("x", 1, mp, gp);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kSignedWeights);
+  parse_recipe("merge_method: ties\n" + base + "parameters: {normalize: false}\n").resolve("x", 1, mp, gp);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kNone);
   parse_recipe("merge_method: ties\n" + base + "parameters: {disjoint: sum}\n").resolve("x", 1, mp, gp);
-  EXPECT_TRUE(gp.disjoint_sum);
-  EXPECT_FALSE(gp.normalize);
-  parse_recipe("merge_method: della\n" + base).resolve("x", 1, mp, gp);
-  EXPECT_FALSE(gp.disjoint_sum);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kNone);
+  parse_recipe("merge_method: ties\n" + base + "parameters: {disjoint: mean}\n").resolve("x", 1, mp, gp);
+  EXPECT_EQ(gp.divisor, MergeDivisor::kAbsWeights);
+  // mergekit's per-method defaults: ties and della normalize, dare_ties and breadcrumbs_ties sum.
+  for (const auto& [method, divisor] : std::vector<std::pair<std::string, MergeDivisor>>{
+           {"ties", MergeDivisor::kSignedWeights}, {"della", MergeDivisor::kSignedWeights},
+           {"dare_ties", MergeDivisor::kNone}, {"breadcrumbs_ties", MergeDivisor::kNone}}) {
+    parse_recipe("merge_method: " + method + "\n" + base).resolve("x", 1, mp, gp);
+    EXPECT_EQ(gp.divisor, divisor) << method;
+    EXPECT_FLOAT_EQ(mp[0].density, 1.0f) << method;
+  }
 }
 
 TEST(Recipe, LayerIndex) {
@@ -131,6 +140,8 @@ models:
   }
   r.resolve("model.embed_tokens.weight", 5, mp, gp);  // no layer index: first value
   EXPECT_FLOAT_EQ(mp[0].weight, 0.0f);
+  r.resolve("model.layers.0.w", 1, mp, gp);  // mergekit: a model of one layer sits at t = 1, the last value
+  EXPECT_FLOAT_EQ(mp[0].weight, 0.5f);
 }
 
 TEST(Recipe, FiltersApplyByTensorNameFirstMatchWins) {
@@ -168,14 +179,42 @@ merge_method: ties
 base_model: base
 models: [a]
 parameters:
-  density: [{filter: "^lm_head", value: 0.9}]
+  density: [{filter_regex: "^lm_head", value: 0.9}]
 )");
   std::vector<MergeModelParams> mp;
   MergeGlobalParams gp;
   r.resolve("lm_head.weight", 1, mp, gp);
   EXPECT_FLOAT_EQ(mp[0].density, 0.9f);
-  r.resolve("other.weight", 1, mp, gp);
-  EXPECT_FLOAT_EQ(mp[0].density, 0.2f);
+  r.resolve("other.lm_head.weight", 1, mp, gp);  // the regex is anchored
+  EXPECT_FLOAT_EQ(mp[0].density, 1.0f);          // mergekit's default density
+}
+
+// mergekit's filter is `filter in tensor_name`: "layers.1." does not match layers.10, "*" matches
+// everything, and regex characters are literal. taskvec's regex is the explicit filter_regex key.
+TEST(Recipe, FilterIsASubstringAsInMergekit) {
+  const Recipe r = parse_recipe(R"(
+merge_method: task_arithmetic
+base_model: b
+models:
+  - model: a
+    parameters:
+      weight:
+        - {filter: "layers.1.", value: 0.1}
+        - {filter: "^model", value: 0.2}
+        - {filter_regex: "layers\\.2[0-9]\\.", value: 0.3}
+        - {filter: "*", value: 0.4}
+)");
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  const std::vector<std::pair<std::string, float>> want = {{"model.layers.1.mlp.w", 0.1f},
+                                                           {"model.layers.10.mlp.w", 0.4f},
+                                                           {"x.^model.w", 0.2f},
+                                                           {"model.layers.23.w", 0.3f},
+                                                           {"lm_head.weight", 0.4f}};
+  for (const auto& [name, w] : want) {
+    r.resolve(name, 30, mp, gp);
+    EXPECT_FLOAT_EQ(mp[0].weight, w) << name;
+  }
 }
 
 TEST(Recipe, ErrorsAreRecipeErrors) {
@@ -186,15 +225,12 @@ TEST(Recipe, ErrorsAreRecipeErrors) {
   EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\n"), ErrorCode::kRecipe);                        // no models
   EXPECT_EQ(code_of("merge_method: ties\nmodels: [a]\n"), ErrorCode::kRecipe);                          // base missing
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: 0}\n"), ErrorCode::kRecipe);   // density 0
-  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: 1.5}\n"), ErrorCode::kRecipe); // density > 1
-  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [0.5, 1.2]}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: -1.5}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [0.5, -0.2]}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: high}\n"), ErrorCode::kRecipe); // wrong type
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {densty: 0.5}\n"), ErrorCode::kRecipe);  // unknown param
-  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {gamma: 0.1}\n"), ErrorCode::kRecipe);   // not a ties param
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {disjoint: median}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {lambda: {a: 1}}\n"), ErrorCode::kRecipe);
-  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {lambda: 1}\n"),
-            ErrorCode::kRecipe);  // global parameter under a model
   EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    weight: 1\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels:\n  - parameters: {weight: 1}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: della\n" + base + "parameters: {density: 0.5, epsilon: 0.6}\n"), ErrorCode::kRecipe);
@@ -207,12 +243,16 @@ TEST(Recipe, ErrorsAreRecipeErrors) {
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "dtype: int8\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "seed: -3\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "seed: abc\n"), ErrorCode::kRecipe);
-  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter: '(', value: 0.5}]}\n"),
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter_regex: '(', value: 0.5}]}\n"),
             ErrorCode::kRecipe);  // bad regex
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter: a, filter_regex: b, value: 1}]}\n"),
+            ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [{filter: x}]}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {density: [0.5, {value: 0.5}]}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {normalize: true, disjoint: sum}\n"), ErrorCode::kRecipe);
-  EXPECT_EQ(code_of("merge_method: model_stock\n" + base + "parameters: {normalize: true}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: model_stock\n" + base + "parameters: {normalise: true}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {rescale: l3}\n"), ErrorCode::kRecipe);
+  EXPECT_EQ(code_of("merge_method: ties\nbase_model: b\nmodels: [b]\n"), ErrorCode::kRecipe);  // only the base
   EXPECT_EQ(code_of("merge_method: consensus\n" + base + "parameters: {k: 1.5}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("merge_method: ties\n" + base + "parameters: {trim: [tensor, model]}\n"), ErrorCode::kRecipe);
   EXPECT_EQ(code_of("- just\n- a list\n"), ErrorCode::kRecipe);
@@ -229,8 +269,7 @@ TEST(Recipe, ErrorsAreRecipeErrors) {
 
 TEST(Recipe, ZeroWeightSumWithFiltersIsCaughtPerTensor) {
   const Recipe r = parse_recipe(R"(
-merge_method: task_arithmetic
-base_model: b
+merge_method: linear
 models:
   - model: a
     parameters: {weight: [{filter: attn, value: 0}, {value: 1}]}
@@ -248,7 +287,7 @@ parameters: {normalize: true}
 }
 
 TEST(Recipe, MessagesNameKeyFileAndLine) {
-  const std::string msg = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters:\n  density: 2\n");
+  const std::string msg = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters:\n  density: -2\n");
   EXPECT_NE(msg.find("r.yaml:5"), std::string::npos) << msg;
   EXPECT_NE(msg.find("density"), std::string::npos) << msg;
   const std::string unk = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_source: base\n");
@@ -287,7 +326,7 @@ TEST(Recipe, ExampleRecipesParse) {
 // class are fine.
 TEST(Recipe, FiltersThatBacktrackWithoutBoundAreRefused) {
   auto recipe_with = [](const std::string& filter) {
-    return "merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {density: [{filter: '" + filter +
+    return "merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {density: [{filter_regex: '" + filter +
            "', value: 0.5}]}\n";
   };
   for (const char* bad : {"a**", "a+*", "x*?*", "(a+)*", "(a|b)*", "((ab)*c)+", "(a{2,3})+", ".*.*.*.*.*x", "a?b?c?d?e?"}) {
@@ -354,6 +393,131 @@ TEST(Recipe, StrayFlowTokensAreInvalidYaml) {
   EXPECT_NE(message_of("[1, 2]\n,\n").find("r.yaml:2: invalid YAML: unexpected ','"), std::string::npos)
       << message_of("[1, 2]\n,\n");
   EXPECT_EQ(code_of("merge_method: linear\nmodels: [a]\n]\n"), ErrorCode::kRecipe);
+}
+
+}  // namespace
+}  // namespace taskvec
+
+namespace taskvec {
+namespace {
+
+bool has_warning(const Recipe& r, const std::string& text) {
+  for (const auto& w : r.warnings)
+    if (w.find(text) != std::string::npos) return true;
+  return false;
+}
+
+// mergekit ignores a parameter of another method and a global one under a model: warnings, not errors.
+// A name no method knows is a misspelling: an error, with the closest name.
+TEST(Recipe, ParametersWithoutEffectWarnAndMisspellingsSuggest) {
+  const Recipe r = parse_recipe(R"(
+merge_method: task_arithmetic
+base_model: b
+models:
+  - model: a
+    parameters: {weight: 0.5, density: 0.3, lambda: 2}
+parameters: {gamma: 0.1, int8_mask: true}
+)", "r.yaml");
+  EXPECT_TRUE(has_warning(r, "r.yaml:6: 'models[0].parameters.density': has no effect on task_arithmetic")) << r.warnings.size();
+  EXPECT_TRUE(has_warning(r, "'models[0].parameters.lambda': is a global parameter: under a model it has no effect"));
+  EXPECT_TRUE(has_warning(r, "'parameters.gamma': has no effect on task_arithmetic"));
+  EXPECT_EQ(r.warnings.size(), 3u);  // int8_mask is task_arithmetic's own (a memory hint)
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve("w", 1, mp, gp);
+  EXPECT_FLOAT_EQ(gp.lambda, 1.0f);  // the model-level lambda is ignored, as in mergekit
+
+  const std::string typo = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {densty: 0.5}\n");
+  EXPECT_NE(typo.find("'parameters.densty': unknown parameter (did you mean 'density'?)"), std::string::npos) << typo;
+  const std::string method = message_of("merge_method: dare_tie\nbase_model: b\nmodels: [a]\n");
+  EXPECT_NE(method.find("did you mean 'dare_ties'?"), std::string::npos) << method;
+  const std::string key = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameter: {density: 0.5}\n");
+  EXPECT_NE(key.find("did you mean 'parameters'?"), std::string::npos) << key;
+  const std::string nuslerp = message_of("merge_method: nuslerp\nbase_model: b\nmodels: [a]\n");
+  EXPECT_NE(nuslerp.find("'nuslerp' is a mergekit method taskvec does not support yet"), std::string::npos) << nuslerp;
+}
+
+// mergekit's README lists the base among the models; mergekit uses it only as the base.
+TEST(Recipe, BaseListedAmongModelsIsOnlyTheBase) {
+  const Recipe r = parse_recipe(R"(
+merge_method: task_arithmetic
+base_model: ./base
+models:
+  - model: base
+    parameters: {weight: 0.3}
+  - model: a
+    parameters: {weight: 0.5}
+  - model: c
+    parameters: {weight: 0.5}
+parameters: {normalize: true}
+)", "r.yaml");
+  ASSERT_EQ(r.models.size(), 2u);
+  EXPECT_EQ(r.models[0].path, "a");
+  EXPECT_EQ(r.models[1].path, "c");
+  EXPECT_TRUE(has_warning(r, "'models[0]': is the base_model: used only as the base"));
+  EXPECT_TRUE(has_warning(r, "its parameters are ignored"));
+  // slerp: the base is the t = 0 end whatever its place in the list.
+  const Recipe s = parse_recipe("merge_method: slerp\nbase_model: A\nmodels: [B, A]\nparameters: {t: 0.25}\n");
+  ASSERT_EQ(s.models.size(), 1u);
+  EXPECT_EQ(s.models[0].path, "B");
+  // linear averages the base like any other model.
+  const Recipe l = parse_recipe("merge_method: linear\nbase_model: A\nmodels: [A, B]\n");
+  EXPECT_EQ(l.models.size(), 2u);
+  // A base with an adapter is another model than the base without it.
+  const Recipe a = parse_recipe("merge_method: ties\nbase_model: A\nmodels: [A+lora, B]\n");
+  EXPECT_EQ(a.models.size(), 2u);
+}
+
+TEST(Recipe, RescaleTakesBooleansAndInverseDensity) {
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  const std::string head = "merge_method: dare_linear\nbase_model: b\nmodels: [a]\nparameters: {rescale: ";
+  for (const auto& [text, want] : std::vector<std::pair<std::string, MergeRescale>>{
+           {"true", MergeRescale::kL1Norm}, {"True", MergeRescale::kL1Norm}, {"false", MergeRescale::kNone},
+           {"no", MergeRescale::kNone}, {"inverse_density", MergeRescale::kInverseDensity}}) {
+    parse_recipe(head + text + "}\n").resolve("w", 1, mp, gp);
+    EXPECT_EQ(gp.rescale, want) << text;
+  }
+}
+
+// mergekit's defaults, per method (mergekit/merge_methods/registry.py and generalized_task_arithmetic.py).
+TEST(Recipe, DefaultsAreMergekits) {
+  struct Want {
+    const char* method;
+    float density, epsilon;
+    bool normalize;
+    MergeRescale rescale;
+  };
+  const Want table[] = {
+      {"task_arithmetic", 1, 0.15f, false, MergeRescale::kNone}, {"ties", 1, 0.15f, true, MergeRescale::kNone},
+      {"dare_linear", 1, 0.15f, false, MergeRescale::kL1Norm},   {"dare_ties", 1, 0.15f, false, MergeRescale::kL1Norm},
+      {"breadcrumbs", 1, 0.15f, false, MergeRescale::kNone},     {"breadcrumbs_ties", 1, 0.15f, false, MergeRescale::kNone},
+      {"della", 1, 0.15f, true, MergeRescale::kL1Norm},          {"della_linear", 1, 0.15f, false, MergeRescale::kL1Norm},
+  };
+  for (const Want& w : table) {
+    const Recipe r = parse_recipe(std::string("merge_method: ") + w.method + "\nbase_model: b\nmodels: [a, c]\n");
+    std::vector<MergeModelParams> mp;
+    MergeGlobalParams gp;
+    r.resolve("model.layers.0.w", 2, mp, gp);
+    EXPECT_FLOAT_EQ(mp[0].density, w.density) << w.method;
+    EXPECT_FLOAT_EQ(mp[0].gamma, 0.01f) << w.method;
+    EXPECT_FLOAT_EQ(mp[0].epsilon, w.epsilon) << w.method;
+    EXPECT_FLOAT_EQ(mp[0].weight, 1.0f) << w.method;
+    EXPECT_EQ(gp.normalize, w.normalize) << w.method;
+    EXPECT_EQ(gp.rescale, w.rescale) << w.method;
+    EXPECT_FLOAT_EQ(gp.lambda, 1.0f) << w.method;
+    EXPECT_FALSE(gp.sign_tie_majority) << w.method;
+    EXPECT_FALSE(gp.round_count) << w.method;
+    EXPECT_EQ(gp.rank_dim, 1) << w.method;
+  }
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  parse_recipe("merge_method: linear\nmodels: [a, c]\n").resolve("w", 1, mp, gp);
+  EXPECT_TRUE(gp.normalize);
+  // density >= 1 and slerp's t outside [0, 1] are mergekit values: accepted (t with a warning).
+  EXPECT_NO_THROW(parse_recipe("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {density: 1.5}\n"));
+  const Recipe s = parse_recipe("merge_method: slerp\nbase_model: b\nmodels: [a]\nparameters: {t: 1.5}\n");
+  EXPECT_TRUE(has_warning(s, "t = 1.5 lies outside [0, 1]: slerp extrapolates"));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 
+#include "engine/recipe_at.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/checkpoint.hpp"
@@ -193,11 +194,7 @@ TEST(TrustNumerics, ResizedRowsOverflowIsAnError) {
   EXPECT_EQ(read_values(dir / "out.safetensors", "emb"), (std::vector<double>{65504, 1, 5, 6}));
 }
 
-Recipe recipe_at(const TempDir& dir, const std::string& yaml) {
-  const auto path = dir / "recipe.yaml";
-  std::ofstream(path) << yaml;
-  return load_recipe(path);
-}
+using test::recipe_at;
 
 ErrorCode merge_error(const Recipe& r, const std::filesystem::path& out, const EditOptions& o) {
   try {

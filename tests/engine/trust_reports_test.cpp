@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/recipe_at.hpp"
 #include "support/model_files.hpp"
 #include "support/temp_dir.hpp"
 #include "taskvec/engine.hpp"
@@ -94,18 +95,16 @@ std::size_t count_containing(const std::vector<std::string>& lines, const std::s
 }
 
 EditReport merge_yaml(const TempDir& dir, const std::string& yaml, const std::string& out) {
-  const auto path = dir / "recipe.yaml";
-  std::ofstream(path) << yaml;
   EditOptions o;
   o.threads = 2;
-  return merge_checkpoints(load_recipe(path), dir / out, o);
+  return merge_checkpoints(test::recipe_at(dir, yaml), dir / out, o);
 }
 
 // ---- item 3: a density that keeps no element of a non-zero task vector ----
 
 TEST(TrustMerge, TiesScalarWhoseDeltaIsDroppedIsReported) {
   TempDir dir;
-  // "scale" has 1 element: round(0.2 x 1) = 0 kept. "same" has 1 element too, but no delta: nothing lost.
+  // "scale" has 1 element: int(0.2 x 1) = 0 kept (mergekit's count). "same" has 1 element too, but no delta: nothing lost.
   write_model(dir / "base.safetensors", {{"layers.0.w", DType::kF32, {5}, {0, 0, 0, 0, 0}},
                                          {"scale", DType::kF32, {1}, {1}},
                                          {"same", DType::kF32, {1}, {3}}});
@@ -116,11 +115,11 @@ TEST(TrustMerge, TiesScalarWhoseDeltaIsDroppedIsReported) {
                                        "  - model: a.safetensors\n    parameters: {density: 0.2}\n", "out.safetensors");
   // The delta 2 - 1 is dropped: the output is the base's 1 (the reason for the warning).
   EXPECT_EQ(read_values(dir / "out.safetensors", "scale"), (std::vector<double>{1}));
-  EXPECT_EQ(count_containing(r.warnings, "tensor 'scale' (1 element): ties keeps round(density x 1) = 0 of its "
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'scale' (1 element): ties keeps floor(density x 1) = 0 of its "
                                          "elements, so the non-zero task vector of models[0] (density 0.2) is dropped"),
             1u);
   EXPECT_EQ(count_containing(r.warnings, "'same'"), 0u);
-  EXPECT_EQ(count_containing(r.warnings, "'layers.0.w'"), 0u);  // round(0.2 x 5) = 1 kept
+  EXPECT_EQ(count_containing(r.warnings, "'layers.0.w'"), 0u);  // int(0.2 x 5) = 1 kept
 }
 
 TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
@@ -134,7 +133,7 @@ TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
   write_model(dir / "a.safetensors", a);
   const EditReport r = merge_yaml(dir, "merge_method: magnitude_prune\nbase_model: base.safetensors\nmodels:\n"
                                        "  - model: a.safetensors\nparameters: {density: 0.4}\n", "out.safetensors");
-  EXPECT_EQ(count_containing(r.warnings, "magnitude_prune keeps round(density x 1) = 0"), 5u);
+  EXPECT_EQ(count_containing(r.warnings, "magnitude_prune keeps floor(density x 1) = 0"), 5u);
   EXPECT_EQ(count_containing(r.warnings, "... and 2 more tensors whose density keeps no element"), 1u);
   EXPECT_EQ(count_containing(r.warnings, "tensor 's0'"), 1u);  // by name, in file order
   EXPECT_EQ(count_containing(r.warnings, "tensor 's6'"), 0u);
@@ -142,14 +141,14 @@ TEST(TrustMerge, ManyDroppedTensorsAreSummarized) {
 
 TEST(TrustMerge, WholeModelTrimThatKeepsNothingIsReported) {
   TempDir dir;
-  // trim: model over 2 merged elements at density 0.2: round(0.4) = 0 kept in the whole model.
+  // trim: model over 2 merged elements at density 0.2: int(0.4) = 0 kept in the whole model.
   write_model(dir / "base.safetensors", {{"a", DType::kF32, {1}, {0}}, {"b", DType::kF32, {1}, {0}}});
   write_model(dir / "m.safetensors", {{"a", DType::kF32, {1}, {1}}, {"b", DType::kF32, {1}, {0}}});
   const EditReport r = merge_yaml(dir, "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
                                        "  - model: m.safetensors\nparameters: {density: 0.2, trim: model}\n",
                                   "out.safetensors");
   EXPECT_EQ(read_values(dir / "out.safetensors", "a"), (std::vector<double>{0}));  // the delta 1 is dropped
-  EXPECT_EQ(count_containing(r.warnings, "tensor 'a' (1 element): ties with 'trim: model' keeps round(density x "
+  EXPECT_EQ(count_containing(r.warnings, "tensor 'a' (1 element): ties with 'trim: model' keeps floor(density x "
                                          "the model's merged elements) = 0 elements, so the non-zero task vector of "
                                          "models[0] (density 0.2) is dropped"),
             1u);
@@ -162,14 +161,14 @@ TEST(TrustMerge, KeptCountMatchesTheKernelsBand) {
   p.density = 0.2f;
   EXPECT_EQ(merge_topk_kept("ties", p, g, 1), 0);
   EXPECT_EQ(merge_topk_kept("ties", p, g, 5), 1);
-  EXPECT_EQ(merge_topk_kept("magnitude_prune", p, g, 2), 0);  // floor(0.4 + 0.5) = 0
+  EXPECT_EQ(merge_topk_kept("magnitude_prune", p, g, 2), 0);  // int(0.4) = 0
   EXPECT_EQ(merge_topk_kept("dare_ties", p, g, 1), -1);       // random drops: no fixed count
   g.trim_model = true;
   EXPECT_EQ(merge_topk_kept("ties", p, g, 1), -1);            // whole-model threshold
   p.density = 0.5f;
-  p.gamma = 0.5f;  // breadcrumbs, n = 3: top round(1.5 + .5) = 2 removed, band [2, min(3, 4)) keeps 1
+  p.gamma = 0.5f;  // breadcrumbs, n = 3: int(1.5) = 1 outlier removed, int(1.5) = 1 kept
   EXPECT_EQ(merge_topk_kept("breadcrumbs", p, g, 3), 1);
-  p.gamma = 0.9f;  // n = 1: top 1 removed, nothing left
+  p.gamma = 0.9f;  // n = 1: int(0.5) = 0 kept
   EXPECT_EQ(merge_topk_kept("breadcrumbs_ties", p, g, 1), 0);
 }
 
