@@ -166,6 +166,39 @@ TEST_F(Cli, MergeRecipe) {
   EXPECT_FALSE(std::filesystem::exists(dir / "bad.safetensors"));
 }
 
+// mergekit's README pattern, run as a mergekit user would: paths relative to the working directory (not
+// to the recipe's folder), the base listed among the models, a parameter of another method, int8_mask.
+TEST_F(Cli, MergekitRecipeRunsFromTheWorkingDirectory) {
+  std::filesystem::create_directories(dir / "recipes");
+  std::ofstream(dir / "recipes" / "ta.yaml")
+      << "merge_method: task_arithmetic\nbase_model: pre.safetensors\nmodels:\n"
+         "  - model: pre.safetensors\n    parameters: {weight: 1.0}\n"
+         "  - model: a.safetensors\n    parameters: {weight: 1.0, density: 0.5}\n"
+         "  - model: b.safetensors\n    parameters: {weight: 1.0}\n"
+         "parameters: {normalize: true, int8_mask: true}\ndtype: float32\n";
+  Result r = run("merge recipes/ta.yaml -o ta.safetensors", dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  // normalize divides by the two models' weights (the base is only the base): pre + (tau_a + tau_b) / 2,
+  // enc = [1,2,3,4] + ([1,0,0,0] + [0,2,0,0]) / 2, head = [1,1] + ([2,0] + [0,0]) / 2.
+  EXPECT_EQ(read_values(dir / "ta.safetensors", "enc.w"), (std::vector<double>{1.5, 3, 3, 4}));
+  EXPECT_EQ(read_values(dir / "ta.safetensors", "head.w"), (std::vector<double>{2, 1}));
+  EXPECT_NE(r.err.find("taskvec: warning: recipes/ta.yaml:4: 'models[0]': is the base_model: used only as the base"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("'models[1].parameters.density': has no effect on task_arithmetic"), std::string::npos) << r.err;
+
+  // From another folder the same relative paths name nothing: the error says where they resolve.
+  std::filesystem::create_directories(dir / "elsewhere");
+  std::ofstream(dir / "beside.yaml") << "merge_method: task_arithmetic\nbase_model: pre.safetensors\nmodels: [a.safetensors]\n";
+  Result far = run("merge ../beside.yaml -o out.safetensors", dir, "cd elsewhere && ");
+  EXPECT_EQ(far.status, 2) << far.err;
+  EXPECT_NE(far.err.find("model path 'pre.safetensors' does not exist in the working directory; paths in a recipe are "
+                         "relative to the working directory, as in mergekit"),
+            std::string::npos)
+      << far.err;
+  EXPECT_FALSE(std::filesystem::exists(dir / "elsewhere" / "out.safetensors"));
+}
+
 TEST_F(Cli, UsageErrors) {
   EXPECT_EQ(run("", dir).status, 2);
   EXPECT_EQ(run("frobnicate", dir).status, 2);
