@@ -61,9 +61,22 @@ struct EditOptions {
   std::string keep_extra_tensors_from;
   /// merge only: leave such tensors out of the output, with a warning naming each. --drop-extra-tensors.
   bool drop_extra_tensors = false;
+  /// merge only: inputs whose config.json disagree on model_type, architectures, hidden size, layer
+  /// count, heads or vocabulary are merged anyway, with a warning per difference (mergekit's
+  /// --allow-crimes). Off: Error{kArchitectureMismatch} with a table of the differences, before any data
+  /// is read.
+  bool allow_crimes = false;
+  /// merge only, folder output: write a README.md model card (method, inputs, the recipe, taskvec's
+  /// version), as mergekit does. --no-model-card turns it off.
+  bool write_model_card = true;
+  /// merge only, folder output: copy the base's tokenizer files (mergekit's --copy-tokenizer, default on).
+  bool copy_tokenizer = true;
   std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
   std::function<void(const Progress&)> on_progress;   ///< optional
 };
+
+/// taskvec's version, e.g. "0.1.0" (CMake's project version).
+const char* taskvec_version() noexcept;
 
 /// One term of a linear edit. `relative` terms contribute a_i * (x_i - base); the others b_j * x_j
 /// (used for task-vector files, which already are differences).

@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace taskvec {
 
@@ -48,6 +49,7 @@ enum class ErrorCode : int {
   kShapeMismatch,        ///< the same tensor has different shapes in two inputs
   kDtypeMismatch,        ///< the same tensor has dtypes that cannot be combined
   kBaseMismatch,         ///< a task vector was made from another pretrained checkpoint
+  kArchitectureMismatch, ///< merge inputs' config.json disagree on the architecture (without --allow-crimes)
   kNonFinite,            ///< NaN or Inf in an input tensor (without --allow-nonfinite)
   kTensorTooLarge,       ///< a whole-tensor method needs more memory than the budget allows
   kQuantized,            ///< quantized storage (bitsandbytes, GPTQ, AWQ, block-scaled FP8) that cannot be merged as is
@@ -65,13 +67,18 @@ int exit_status(ErrorCode code) noexcept;
 
 /// The exception thrown by every taskvec library function. what() is a full sentence that names the
 /// file and the tensor involved, e.g. "a.safetensors: tensor 'w': data_offsets [0, 8] overlap ...".
+/// `table`: optional lines shown under the message (e.g. the architecture differences of merge inputs);
+/// the CLI prints each on its own line, escaped like the message.
 class Error : public std::runtime_error {
  public:
-  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  Error(ErrorCode code, const std::string& message, std::vector<std::string> table = {})
+      : std::runtime_error(message), code_(code), table_(std::move(table)) {}
   ErrorCode code() const noexcept { return code_; }
+  const std::vector<std::string>& table() const noexcept { return table_; }
 
  private:
   ErrorCode code_;
+  std::vector<std::string> table_;
 };
 
 }  // namespace taskvec

@@ -284,6 +284,7 @@ struct Recipe {
   std::optional<DType> dtype;                   ///< compute dtype as written (taskvec computes in f32)
   std::optional<DType> out_dtype;
   std::uint64_t seed = 0;
+  std::string source_text;                      ///< the YAML as read (saved as mergekit_config.yml beside a folder output)
   /// What the recipe does that a user should know: parameters without effect, where mergekit would fail
   /// or differ. Printed as warnings by `taskvec merge`.
   std::vector<std::string> warnings;

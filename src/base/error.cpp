@@ -36,6 +36,7 @@ std::string_view error_code_name(ErrorCode code) noexcept {
     case ErrorCode::kShapeMismatch: return "shape_mismatch";
     case ErrorCode::kDtypeMismatch: return "dtype_mismatch";
     case ErrorCode::kBaseMismatch: return "base_mismatch";
+    case ErrorCode::kArchitectureMismatch: return "architecture_mismatch";
     case ErrorCode::kNonFinite: return "non_finite";
     case ErrorCode::kTensorTooLarge: return "tensor_too_large";
     case ErrorCode::kQuantized: return "quantized";
@@ -82,6 +83,7 @@ int exit_status(ErrorCode code) noexcept {
     case ErrorCode::kShapeMismatch:
     case ErrorCode::kDtypeMismatch:
     case ErrorCode::kBaseMismatch:
+    case ErrorCode::kArchitectureMismatch:
     case ErrorCode::kNonFinite:
     case ErrorCode::kTensorTooLarge:
     case ErrorCode::kQuantized:

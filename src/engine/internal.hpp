@@ -101,6 +101,18 @@ std::optional<bool> config_ties_embeddings(const Checkpoint& ckpt);
 /// be read or parsed, or is not a JSON object.
 std::string rewrite_config(const std::filesystem::path& config, bool untie, std::optional<std::uint64_t> vocab_rows);
 
+/// A tokenizer file of a model folder: tokenizer*, special_tokens_map.json, added_tokens.json, vocab*,
+/// merges.txt, *.model.
+bool is_tokenizer_file(const std::filesystem::path& path);
+
+/// `config_text` (a config.json) with "torch_dtype" (and "dtype", which newer transformers write, where
+/// present) set to `torch_dtype` (e.g. "bfloat16"); nullopt when nothing changes or the text is not a
+/// JSON object (it is then copied as it is).
+std::optional<std::string> config_with_torch_dtype(const std::string& config_text, const std::string& torch_dtype);
+
+/// The file of `files` named `name` read whole (at most 256 MiB); nullopt when none is.
+std::optional<std::string> read_auxiliary(const std::vector<std::filesystem::path>& files, const std::string& name);
+
 /// An embedding tensor and its first dimension (rows = vocabulary entries).
 struct EmbeddingRows {
   std::string tensor;
@@ -130,8 +142,16 @@ std::vector<TokenizerId> tokenizer_ids(const std::filesystem::path& folder);
 /// input's config.json (top level and text sub-configs), naming both values and files; and each
 /// tokenizer file of an input naming an id >= that input's embedding rows. A config.json or tokenizer
 /// file that cannot be read or parsed is a warning too (it is copied as it is); throws nothing of its own.
+/// One architecture key on which two inputs' config.json disagree.
+struct ConfigDifference {
+  std::string key;  ///< e.g. "hidden_size", "text_config.num_hidden_layers"
+  std::string value_a, value_b;
+  std::filesystem::path file_a, file_b;
+};
+/// With `differences`, the config.json findings go there instead of into `warnings` (merge refuses them
+/// unless --allow-crimes).
 void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merge_extra_rows,
-                         std::vector<std::string>& warnings);
+                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences = nullptr);
 void check_input_configs(const std::vector<Checkpoint>& inputs, bool merge_extra_rows,
                          std::vector<std::string>& warnings);
 

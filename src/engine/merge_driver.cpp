@@ -117,6 +117,75 @@ std::optional<std::size_t> resolve_keep_from(const Recipe& recipe, const std::st
 
 }  // namespace
 
+namespace {
+
+// torch's name of a float dtype, as config.json's torch_dtype spells it.
+const char* torch_dtype_name(DType d) {
+  switch (d) {
+    case DType::kF16: return "float16";
+    case DType::kBF16: return "bfloat16";
+    case DType::kF32: return "float32";
+    case DType::kF64: return "float64";
+    case DType::kF8E4M3: return "float8_e4m3fn";
+    case DType::kF8E5M2: return "float8_e5m2";
+    default: return nullptr;
+  }
+}
+
+// A README.md model card in mergekit's layout (front matter, method, models, the configuration).
+std::string model_card(const Recipe& recipe) {
+  std::vector<std::string> inputs;
+  if (recipe.base_model) inputs.push_back(recipe.base_model->string());
+  for (const auto& m : recipe.models) inputs.push_back(m.path.string() + (m.adapter ? "+" + m.adapter->string() : ""));
+  std::string card = "---\nbase_model:\n";
+  for (const auto& i : inputs) card += fmt::format("- {}\n", i);
+  card += "library_name: transformers\ntags:\n- merge\n- taskvec\n---\n";
+  card += fmt::format("# {}\n\nThis is a merge of pre-trained models created with taskvec {}.\n\n",
+                      recipe.file.stem().string(), taskvec_version());
+  card += "## Merge Details\n### Merge Method\n\n";
+  card += fmt::format("This model was merged using the {} merge method{}.\n\n", recipe.method->name,
+                      recipe.base_model ? fmt::format(" with {} as the base", recipe.base_model->string()) : "");
+  card += "### Models Merged\n\nThe following models were included in the merge:\n";
+  for (const auto& m : recipe.models) card += fmt::format("* {}{}\n", m.path.string(), m.adapter ? " + " + m.adapter->string() : "");
+  card += "\n### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n```yaml\n";
+  card += recipe.source_text;
+  if (!recipe.source_text.empty() && recipe.source_text.back() != '\n') card += "\n";
+  card += "```\n";
+  return card;
+}
+
+void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, const EditOptions& options,
+                     detail::OutputAuxiliary& aux) {
+  if (!options.copy_tokenizer) std::erase_if(aux.copies, detail::is_tokenizer_file);
+  // The recipe beside the weights, under the name tools built around mergekit look for.
+  aux.generated["mergekit_config.yml"] = recipe.source_text;
+  if (options.write_model_card) aux.generated["README.md"] = model_card(recipe);
+  // config.json's torch_dtype = the dtype of the float tensors written, when they all have one.
+  std::optional<DType> out;
+  bool uniform = true;
+  for (const auto& j : jobs) {
+    if (!dtype_is_editable(j.out) || j.kind == MergeJob::Kind::kCopy) continue;
+    if (out && *out != j.out) uniform = false;
+    out = j.out;
+  }
+  const char* name = out ? torch_dtype_name(*out) : nullptr;
+  if (!uniform || name == nullptr) return;
+  std::optional<std::string> text;
+  if (auto it = aux.generated.find("config.json"); it != aux.generated.end()) {
+    text = it->second;
+  } else {
+    try {
+      text = detail::read_auxiliary(aux.copies, "config.json");
+    } catch (const Error& e) {
+      aux.warnings.push_back(fmt::format("{} (its torch_dtype is not updated)", e.what()));
+    }
+  }
+  if (!text) return;
+  if (auto updated = detail::config_with_torch_dtype(*text, name)) aux.generated["config.json"] = std::move(*updated);
+}
+
+}  // namespace
+
 EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& output, const EditOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   if (recipe.method == nullptr) throw Error(ErrorCode::kInternal, "merge_checkpoints: recipe without a method");
@@ -185,7 +254,30 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     std::vector<const Checkpoint*> all;
     if (base) all.push_back(&*base);
     for (const auto& m : models) all.push_back(&m);
-    detail::check_input_configs(all, options.merge_extra_rows, tie_warnings);
+    // The architecture guard (mergekit refuses mixed architectures unless --allow-crimes): before any
+    // tensor is read, the inputs' config.json must agree on model_type, architectures, sizes and vocabulary.
+    std::vector<detail::ConfigDifference> differences;
+    detail::check_input_configs(all, options.merge_extra_rows, tie_warnings, &differences);
+    if (!differences.empty()) {
+      std::size_t wk = 3, wa = 5;
+      for (const auto& d : differences) {
+        wk = std::max(wk, d.key.size());
+        wa = std::max(wa, d.value_a.size() + d.file_a.string().size() + 5);
+      }
+      std::vector<std::string> table = {fmt::format("{:<{}}  {:<{}}  {}", "key", wk, "value", wa, "differs from")};
+      for (const auto& d : differences)
+        table.push_back(fmt::format("{:<{}}  {:<{}}  {} in {}", d.key, wk, d.value_a + " in " + d.file_a.string(), wa,
+                                    d.value_b, d.file_b.string()));
+      if (!options.allow_crimes)
+        throw Error(ErrorCode::kArchitectureMismatch,
+                    fmt::format("the inputs' config.json disagree on their architecture, so they are not merged "
+                                "(--allow-crimes merges them anyway, as mergekit's flag); {} difference{}",
+                                differences.size(), differences.size() == 1 ? "" : "s"),
+                    std::move(table));
+      for (const auto& d : differences)
+        tie_warnings.push_back(fmt::format("config.json differs on {}: {} in {} but {} in {}; merged anyway (--allow-crimes)",
+                                           d.key, d.value_a, d.file_a.string(), d.value_b, d.file_b.string()));
+    }
     ReconciledInputs reconciled = reconcile_tied_embeddings(all, options.untie_embeddings);
     std::size_t k = 0;
     if (base) base.emplace(std::move(reconciled.inputs[k++]));
@@ -608,8 +700,10 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
                                           jobs[j].ref->info->name, clamped[j].load(), dtype_name(jobs[j].out),
                                           dtype_max_finite(jobs[j].out)));
   }
-  if (report.plan.is_folder && ref.folder()) {
-    const detail::OutputAuxiliary aux = detail::output_auxiliary_files(ref, untied_ref);
+  if (report.plan.is_folder) {
+    detail::OutputAuxiliary aux;
+    if (ref.folder()) aux = detail::output_auxiliary_files(ref, untied_ref);
+    add_merge_files(recipe, jobs, options, aux);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
     writer.commit(aux.copies, aux.generated);
     report.auxiliary_files = aux.file_names();

@@ -98,23 +98,23 @@ std::optional<Json> input_config(const Checkpoint& ckpt) {
 std::string value_text(const Json& v) { return v.dump(); }
 
 void compare_level(const Json& a, const Json& b, const std::string& prefix, bool skip_vocab, const fs::path& file_a,
-                   const fs::path& file_b, std::vector<std::string>& warnings) {
+                   const fs::path& file_b, std::vector<std::string>& warnings,
+                   std::vector<ConfigDifference>* differences) {
   if (!a.is_object() || !b.is_object()) return;
   for (const char* key : kCompareKeys) {
     if (skip_vocab && std::string_view(key) == "vocab_size") continue;
     const auto ia = a.find(key), ib = b.find(key);
     if (ia == a.end() || ib == b.end() || *ia == *ib) continue;
+    if (differences) {
+      differences->push_back({prefix + key, value_text(*ia), value_text(*ib), file_a, file_b});
+      continue;
+    }
     warnings.push_back(fmt::format("config.json differs on {}{}: {} in {} but {} in {}; the tensors are combined "
                                    "anyway because their shapes agree, check that these models belong together",
                                    prefix, key, value_text(*ia), file_a.string(), value_text(*ib), file_b.string()));
   }
 }
 
-bool is_tokenizer_file(const fs::path& path) {
-  const std::string n = path.filename().string();
-  return n.starts_with("tokenizer") || n == "special_tokens_map.json" || n == "added_tokens.json" ||
-         n.starts_with("vocab") || n == "merges.txt" || path.extension() == ".model";
-}
 
 void note_id(std::vector<TokenizerId>& ids, const fs::path& file, std::uint64_t id) {
   if (!ids.empty() && ids.back().file == file) {
@@ -190,6 +190,12 @@ void warn_ids_past(const std::vector<TokenizerId>& ids, std::uint64_t rows, cons
 
 }  // namespace
 
+bool is_tokenizer_file(const fs::path& path) {
+  const std::string n = path.filename().string();
+  return n.starts_with("tokenizer") || n == "special_tokens_map.json" || n == "added_tokens.json" ||
+         n.starts_with("vocab") || n == "merges.txt" || path.extension() == ".model";
+}
+
 std::optional<bool> config_ties_embeddings(const Checkpoint& ckpt) {
   if (!ckpt.folder()) return std::nullopt;
   const fs::path config = *ckpt.folder() / "config.json";
@@ -228,6 +234,32 @@ std::string rewrite_config(const fs::path& config, bool untie, std::optional<std
   return j.dump(2) + "\n";
 }
 
+std::optional<std::string> config_with_torch_dtype(const std::string& config_text, const std::string& torch_dtype) {
+  Json j;
+  try {
+    j = Json::parse(config_text);
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  }
+  if (!j.is_object()) return std::nullopt;
+  bool changed = false;
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    const bool present = j.contains(key);
+    if (std::string_view(key) == "dtype" && !present) continue;
+    if (present && j[key].is_string() && j[key].get<std::string>() == torch_dtype) continue;
+    j[key] = torch_dtype;
+    changed = true;
+  }
+  if (!changed) return std::nullopt;
+  return j.dump(2) + "\n";
+}
+
+std::optional<std::string> read_auxiliary(const std::vector<fs::path>& files, const std::string& name) {
+  for (const auto& f : files)
+    if (f.filename() == name) return read_text(f);
+  return std::nullopt;
+}
+
 std::optional<EmbeddingRows> embedding_rows(const Checkpoint& ckpt) {
   for (const char* name : kEmbeddingNames) {
     if (const CheckpointTensor* t = ckpt.find(name); t != nullptr && !t->info->shape.empty()) {
@@ -245,7 +277,7 @@ std::vector<TokenizerId> tokenizer_ids(const fs::path& folder) {
 }
 
 void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merge_extra_rows,
-                         std::vector<std::string>& warnings) {
+                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences) {
   const Checkpoint* first = nullptr;
   std::optional<Json> first_config;
   std::vector<fs::path> seen;  // an input given twice is checked once
@@ -272,11 +304,11 @@ void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merg
       continue;
     }
     const fs::path fa = *first->folder() / "config.json", fb = *ckpt->folder() / "config.json";
-    compare_level(*first_config, *config, "", merge_extra_rows, fa, fb, warnings);
+    compare_level(*first_config, *config, "", merge_extra_rows, fa, fb, warnings, differences);
     for (const char* key : kTextConfigKeys) {
       const auto ia = first_config->find(key), ib = config->find(key);
       if (ia == first_config->end() || ib == config->end()) continue;
-      compare_level(*ia, *ib, fmt::format("{}.", key), merge_extra_rows, fa, fb, warnings);
+      compare_level(*ia, *ib, fmt::format("{}.", key), merge_extra_rows, fa, fb, warnings, differences);
     }
   }
 }

@@ -614,6 +614,7 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
   check_tree(walk, root, "", 1);
 
   r.file = file;
+  r.source_text = yaml_text;
   static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"};
   // mergekit's top-level keys taskvec does not read yet (docs/MERGEKIT.md).
   static const std::set<std::string> kMergekitKeys = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"};

@@ -120,7 +120,7 @@ TEST_F(Cli, DryRunJsonPlanWritesNothing) {
 
 TEST_F(Cli, ShardedFolderOutputReadsBack) {
   Result r = run("edit -q -m pre=" + p("pre.safetensors") + " -m a=" + p("a.safetensors") +
-                  " 'pre + 2*tau(a)' --max-shard-size 10 -o " + p("out"),
+                  " 'pre + 2*tau(a)' --max-shard-size 10bytes -o " + p("out"),
               dir);
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(dir / "out" / kIndexFileName));

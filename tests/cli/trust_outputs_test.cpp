@@ -272,8 +272,9 @@ TEST_F(TrustOutputs, DifferingConfigsWarnPerKey) {
   write_text(dir / "ta.yaml", "merge_method: task_arithmetic\nbase_model: " + p("pre") + "\nmodels:\n  - model: " +
                                   p("ft") + "\nparameters:\n  lambda: 1.0\n");
   const std::string a = (dir / "pre" / "config.json").string(), b = (dir / "ft" / "config.json").string();
+  // edit warns per key; merge refuses (mergekit's rule) unless --allow-crimes, then warns per key.
   for (const std::string& args : {"edit -q -m pre=" + p("pre") + " -m ft=" + p("ft") + " 'pre + tau(ft)' -o " + p("e"),
-                                 "merge -q " + p("ta.yaml") + " -o " + p("m")}) {
+                                 "merge -q --allow-crimes " + p("ta.yaml") + " -o " + p("m")}) {
     Result r = run(args, dir);
     ASSERT_EQ(r.status, 0) << r.err;
     EXPECT_EQ(warnings_with(r.err, "config.json differs on").size(), 4u) << r.err;
@@ -284,6 +285,16 @@ TEST_F(TrustOutputs, DifferingConfigsWarnPerKey) {
     EXPECT_EQ(warnings_with(r.err, "differs on text_config.num_hidden_layers: 2 in " + a + " but 3 in " + b).size(), 1u)
         << r.err;
   }
+  Result refused = run("merge -q " + p("ta.yaml") + " -o " + p("refused"), dir);
+  EXPECT_EQ(refused.status, 5) << refused.err;
+  EXPECT_NE(refused.err.find("taskvec: error (architecture_mismatch): the inputs' config.json disagree on their "
+                             "architecture, so they are not merged (--allow-crimes merges them anyway, as mergekit's flag); 4 differences\n"),
+            std::string::npos)
+      << refused.err;
+  for (const std::string key : {"model_type", "hidden_size", "vocab_size", "text_config.num_hidden_layers"})
+    EXPECT_NE(refused.err.find("\n  " + key + " "), std::string::npos) << key << "\n" << refused.err;
+  EXPECT_NE(refused.err.find("4096 in " + b), std::string::npos) << refused.err;
+  EXPECT_FALSE(fs::exists(dir / "refused"));
 }
 
 }  // namespace

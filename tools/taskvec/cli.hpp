@@ -27,14 +27,15 @@ struct EditFlags {
   EditOptions options;
   std::string dtype_text;
   std::string memory_budget_text = "512MiB";
-  std::string max_shard_size_text = "5GB";
+  std::string max_shard_size_text;  ///< empty: 5GB
+  bool max_shard_size_given = false;  ///< set by finish_edit_options
 };
 /// `linear`: also --merge-extra-rows and --untie-embeddings (diff, apply, edit; not merge).
 void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear = true);
 /// Parses the text flags into flags.options (sizes like 512MiB, 5GB, 1000000); sets a progress
 /// display on stderr when it is a terminal and not --quiet. Throws Error{kInvalidArgument}.
 void finish_edit_options(EditFlags& flags, const GlobalFlags& global);
-/// Parses a byte size: plain bytes, or a number with KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB.
+/// Parses a byte size: plain bytes, or a number with B/bytes, KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB.
 std::uint64_t parse_size(const std::string& text);
 /// "path:lambda" -> (path, lambda), lambda 1 without ':'; the last ':' separates, so paths may contain
 /// ':'. Throws Error{kInvalidArgument} for a coefficient that is not a finite number.

@@ -24,7 +24,7 @@ void add_edit_flags(CLI::App& command, EditFlags& flags, bool linear) {
   command.add_option("--memory-budget", flags.memory_budget_text,
                      "Bytes of input and output chunks in flight, e.g. 512MiB (default 512MiB)");
   command.add_option("--max-shard-size", flags.max_shard_size_text,
-                     "Largest shard of a folder output, e.g. 5GB (default 5GB)");
+                     "Largest shard of a folder output, e.g. 5GB (default 5GB; below 1 MB write the unit: 4096bytes, 4KiB)");
   command.add_flag("--force", flags.options.write.force,
                    "Replace an existing output; apply task vectors made from another pretrained checkpoint");
   command.add_flag("--allow-nonfinite", flags.options.allow_nonfinite, "Proceed when an input holds NaN or Inf");
@@ -55,7 +55,7 @@ std::uint64_t parse_size(const std::string& text) {
   std::string unit = text.substr(i);
   for (auto& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   double multiplier = 0;
-  if (unit.empty() || unit == "b") multiplier = 1;
+  if (unit.empty() || unit == "b" || unit == "bytes") multiplier = 1;
   else if (unit == "kb" || unit == "k") multiplier = 1e3;
   else if (unit == "mb" || unit == "m") multiplier = 1e6;
   else if (unit == "gb" || unit == "g") multiplier = 1e9;
@@ -97,7 +97,20 @@ void finish_edit_options(EditFlags& flags, const GlobalFlags& global) {
     flags.options.out_dtype = *dtype;
   }
   flags.options.memory_budget = parse_size(flags.memory_budget_text);
-  flags.options.write.max_shard_size = parse_size(flags.max_shard_size_text);
+  flags.max_shard_size_given = !flags.max_shard_size_text.empty();
+  flags.options.write.max_shard_size = parse_size(flags.max_shard_size_given ? flags.max_shard_size_text : "5GB");
+  if (flags.max_shard_size_given && flags.options.write.max_shard_size < 1000000) {
+    // "5B" is 5 bytes here but 5 billion in mergekit's --out-shard-size: a tiny shard needs an explicit unit.
+    std::string unit = flags.max_shard_size_text;
+    unit.erase(0, unit.find_first_not_of("0123456789."));
+    for (auto& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (unit.empty() || unit == "b")
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("--max-shard-size '{}' would be {} bytes per shard: write the unit (e.g. 5GB; mergekit's "
+                              "--out-shard-size 5B means 5e9 bytes; for a tiny shard on purpose, '{}bytes' or KiB)",
+                              flags.max_shard_size_text, flags.options.write.max_shard_size,
+                              flags.options.write.max_shard_size));
+  }
   flags.options.force_base = flags.options.write.force;
   if (!global.quiet && !global.json && isatty(STDERR_FILENO)) {
     flags.options.on_progress = [](const Progress& p) {

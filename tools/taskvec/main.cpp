@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   using namespace taskvec;
   raise_open_file_limit();
   CLI::App app{"taskvec: edit neural networks with task arithmetic (task vectors, negation, addition, analogies, merges)"};
-  app.set_version_flag("--version", "taskvec 0.1.0");
+  app.set_version_flag("--version", std::string("taskvec ") + taskvec::taskvec_version());
   app.require_subcommand(1);
   app.fallthrough();
   cli::GlobalFlags global;
@@ -53,7 +53,11 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
+    // taskvec's own error form, with where to look.
+    std::string command;
+    for (const auto* sub : app.get_subcommands()) command = sub->get_name();
+    fmt::print(stderr, "taskvec: error (invalid_argument): {} (see 'taskvec {}--help')\n", escape_control(e.what()),
+               command.empty() ? "" : command + " ");
     return 2;
   }
   try {
@@ -61,6 +65,7 @@ int main(int argc, char** argv) {
   } catch (const Error& e) {
     std::fflush(stdout);
     fmt::print(stderr, "taskvec: error ({}): {}\n", error_code_name(e.code()), escape_control(e.what()));
+    for (const auto& line : e.table()) fmt::print(stderr, "  {}\n", escape_control(line));
     return exit_status(e.code());
   } catch (const std::exception& e) {
     std::fflush(stdout);
