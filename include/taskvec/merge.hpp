@@ -34,6 +34,7 @@ struct MergeModelParams {
   float gamma = 0.01f;       ///< breadcrumbs: fraction of largest magnitudes removed, [0, 1)
   float epsilon = 0.15f;     ///< della: keep probabilities span [density - eps, density + eps]
   float tall_lambda = 0.4f;  ///< consensus: TALL mask threshold lambda_t, >= 0
+  float scale = 1.0f;        ///< passthrough: the tensor is multiplied by it (mergekit's `scale`, none = 1)
 };
 
 /// How survivors of a random or magnitude drop are scaled back.
@@ -64,6 +65,17 @@ struct MergeGlobalParams {
   float t = 0.5f;              ///< slerp interpolation factor (0 = base / first model; outside [0, 1] extrapolates)
   int k = 2;                   ///< consensus: minimum number of agreeing TALL masks
   std::uint64_t seed = 0;      ///< DARE / DELLA random masks
+  // mergekit's newer methods (src/engine/merge_mergekit_methods.cpp); names as in mergekit.
+  bool nuslerp_row_wise = false;   ///< nuslerp: vectors along dimension 0 instead of the last (with nuslerp_flatten false)
+  bool nuslerp_flatten = true;     ///< nuslerp: one vector per tensor
+  bool normalize_weights = true;   ///< multislerp: weights / their sum
+  float eps = 1e-8f;               ///< multislerp: stability constant of the projections
+  int max_iter = 10;               ///< karcher: iterations of the Riemannian mean
+  float tol = 1e-5f;               ///< karcher: convergence (and zero-norm) tolerance
+  float select_topk = 1.0f;        ///< sce: fraction of highest-variance positions kept (>= 1 keeps all)
+  float epsilon = 1e-5f;           ///< ram / ramplus_tl: |tau| <= epsilon counts as unchanged (global, unlike della's)
+  float r = 0.1f;                  ///< ramplus_tl: rescaling strength of unique entries
+  float alpha = 0.2f;              ///< ramplus_tl: bound of the shared / unique ratio rho
 };
 
 /// One tensor to merge. All spans have `element_count()` elements and outlive the call.
@@ -128,6 +140,9 @@ void merge_model_stock(const MergeTensor& in, std::span<float> out);
 /// interpolation when the directions are near-parallel (|cos| > 0.9995) or a norm is zero. The recipe
 /// puts the base model first, as mergekit does.
 void merge_slerp(const MergeTensor& in, std::span<float> out);
+/// mergekit's passthrough: the one model's tensor times its `scale` (1: unchanged bytes after the f32
+/// round trip). With `slices:` it stacks layers (frankenmerges).
+void merge_passthrough(const MergeTensor& in, std::span<float> out);
 /// Magnitude pruning: keep the top floor(density*N) magnitudes of each tau_i (rescaled as global.rescale says:
 /// inverse_density divides by density), then task arithmetic.
 void merge_magnitude_prune(const MergeTensor& in, std::span<float> out);
@@ -141,6 +156,31 @@ void merge_tsv(const MergeTensor& in, std::span<float> out);
 /// Iso-C (Marczak et al. 2025), 2-D tensors: Delta = sum w_i tau_i = U S V^T, out = base + lambda *
 /// mean(S) U V^T. Other tensors: base + lambda * mean_i(w_i tau_i).
 void merge_iso_c(const MergeTensor& in, std::span<float> out);
+
+// ---- mergekit's newer methods, with mergekit's semantics (mergekit/merge_methods/*.py; docs/METHODS.md) ----
+
+/// NuSLERP: t = w1 / (w0 + w1) (0.5 when |w0 + w1| < 1e-6) between models[0] and models[1], or between
+/// their task vectors when in.base is given (out = base + slerp). One vector per tensor (nuslerp_flatten),
+/// else per row (last dimension) or, with nuslerp_row_wise, along dimension 0. Linear where
+/// |sin theta| < 1e-8, and (taskvec) where a vector is zero.
+void merge_nuslerp(const MergeTensor& in, std::span<float> out);
+/// Multi-SLERP: barycentre of the unit (task) vectors on the hypersphere at the weighted mean direction,
+/// scaled by the weighted mean norm (weights / their sum with normalize_weights); base added back when given.
+void merge_multislerp(const MergeTensor& in, std::span<float> out);
+/// Karcher (Riemannian) mean of the unit models with equal weights (max_iter, tol), scaled by the mean norm.
+void merge_karcher(const MergeTensor& in, std::span<float> out);
+/// NearSwap: w = clamp(t / max(|base - m|, 1e-6), 0, 1), out = w m + (1 - w) base.
+void merge_nearswap(const MergeTensor& in, std::span<float> out);
+/// SCE (FuseChat): keep the floor(select_topk * nonzero) highest-variance positions, weight each task vector
+/// by its mean square (normalised), TIES sign election, divide by the agreeing weights; base + result.
+void merge_sce(const MergeTensor& in, std::span<float> out);
+/// Arcee Fusion: importance |m - base| * KL(softmax(m) || softmax(base)) per row; keep the task vector where
+/// importance >= median + 1.5 IQR (exact quantiles).
+void merge_arcee_fusion(const MergeTensor& in, std::span<float> out);
+/// RAM: entries with |tau| > epsilon count; unique ones are kept, shared ones averaged; base + result.
+void merge_ram(const MergeTensor& in, std::span<float> out);
+/// RAM+ (tensor-local): as RAM, unique entries of model m scaled by 1 + r clamp(shared_m / unique_m, 0, alpha).
+void merge_ramplus_tl(const MergeTensor& in, std::span<float> out);
 
 // ---- building blocks, public for tests and for chunked drivers ----
 
@@ -272,6 +312,24 @@ struct RecipeModel {
   std::map<std::string, RecipeValue> params;    ///< model-scope parameters given for this model
 };
 
+/// One source of a mergekit slice: layers [begin, end) of models[model] (an index into Recipe::models).
+struct RecipeSliceSource {
+  std::size_t model = 0;
+  int begin = 0, end = 0;
+  std::map<std::string, RecipeValue> params;  ///< model-scope parameters of this source
+};
+
+/// One output slice (mergekit's `slices:`): its sources all span the same number of layers; output layer
+/// i of the slice merges layer begin + i of every source. The output's layers are renumbered from 0
+/// across the slices; tensors outside the layers (embeddings) come from the first slice's sources, the
+/// others (final norm, head) from the last slice's.
+struct RecipeSlice {
+  std::vector<RecipeSliceSource> sources;
+  std::map<std::string, RecipeValue> params;     ///< slice `parameters:` (before the global ones)
+  std::optional<std::size_t> base;               ///< index into Recipe::models of the slice's base, if any
+  int layers() const noexcept { return sources.empty() ? 0 : sources.front().end - sources.front().begin; }
+};
+
 /// A parsed, validated merge recipe, with mergekit's meaning (docs/MERGEKIT.md): a `models:` entry that is
 /// the base_model is used only as the base (removed from `models`); slerp's t = 0 end is the base.
 struct Recipe {
@@ -285,6 +343,9 @@ struct Recipe {
   std::optional<DType> out_dtype;
   std::uint64_t seed = 0;
   std::string source_text;                      ///< the YAML as read (saved as mergekit_config.yml beside a folder output)
+  /// mergekit's `slices:` form. Then `models` lists each distinct source model once (no parameters) and
+  /// the base_model, when it is a source, too.
+  std::vector<RecipeSlice> slices;
   /// What the recipe does that a user should know: parameters without effect, where mergekit would fail
   /// or differ. Printed as warnings by `taskvec merge`.
   std::vector<std::string> warnings;
@@ -293,6 +354,13 @@ struct Recipe {
   /// Throws Error{kRecipe} naming the tensor, the key and the recipe file.
   void resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
                MergeGlobalParams& global) const;
+  /// The same for explicit parameter sources (slices): one model-scope map per kernel model, then
+  /// `scope` (a slice's parameters, may be null) before the global ones; `layer` of `num_layers` places
+  /// gradients (layer < 0: no layer, the first value).
+  void resolve_at(const std::string& tensor_name, int layer, int num_layers,
+                  const std::vector<const std::map<std::string, RecipeValue>*>& model_maps,
+                  const std::map<std::string, RecipeValue>* scope, std::vector<MergeModelParams>& model_params,
+                  MergeGlobalParams& global) const;
 };
 
 /// Parses YAML text. `file` names the recipe in messages. Relative model paths are kept as written: they
@@ -305,6 +373,9 @@ Recipe load_recipe(const std::filesystem::path& file);
 /// The layer index of a tensor name: the number after "layers.", "layer.", "h.", "blocks.", "block."
 /// (as a whole dotted component, first occurrence), e.g. "model.layers.12.mlp.w" -> 12; -1 when none.
 int merge_layer_index(std::string_view tensor_name);
+/// `tensor_name` with its layer index (as merge_layer_index finds it) replaced by `layer`, e.g.
+/// ("model.layers.12.mlp.w", 3) -> "model.layers.3.mlp.w"; the name unchanged when it has none.
+std::string merge_with_layer_index(std::string_view tensor_name, int layer);
 
 // ---------------------------------------------------------------------------------------------
 // Driver

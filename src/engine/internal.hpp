@@ -106,9 +106,11 @@ std::string rewrite_config(const std::filesystem::path& config, bool untie, std:
 bool is_tokenizer_file(const std::filesystem::path& path);
 
 /// `config_text` (a config.json) with "torch_dtype" (and "dtype", which newer transformers write, where
-/// present) set to `torch_dtype` (e.g. "bfloat16"); nullopt when nothing changes or the text is not a
+/// present) set to `torch_dtype` (e.g. "bfloat16"), and "num_hidden_layers" (top level, and in a text
+/// sub-config that has one) set to `num_hidden_layers`; nullopt when nothing changes or the text is not a
 /// JSON object (it is then copied as it is).
-std::optional<std::string> config_with_torch_dtype(const std::string& config_text, const std::string& torch_dtype);
+std::optional<std::string> config_with_updates(const std::string& config_text, const std::optional<std::string>& torch_dtype,
+                                               std::optional<std::uint64_t> num_hidden_layers);
 
 /// The file of `files` named `name` read whole (at most 256 MiB); nullopt when none is.
 std::optional<std::string> read_auxiliary(const std::vector<std::filesystem::path>& files, const std::string& name);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 
@@ -24,6 +25,7 @@ namespace {
 
 
 struct MergeJob {
+  std::string out_name;                              // the output tensor's name (slices renumber layers)
   const CheckpointTensor* ref = nullptr;             // layout reference (base, or first model)
   const CheckpointTensor* base = nullptr;            // kernel base, null when the method takes none
   std::vector<const CheckpointTensor*> models;       // kernel models (endpoints for slerp)
@@ -94,6 +96,10 @@ std::vector<float> decode_all(const CheckpointTensor& t) { return decode_range(t
 
 bool is_svd_method(const MergeMethod& m) { return m.name == "tsv_merge" || m.name == "iso_c"; }
 
+// Methods that take the base when one is given, though they need none (mergekit: the origin of the
+// interpolation's task vectors).
+bool takes_base(const MergeMethod& m) { return m.needs_base || m.name == "nuslerp" || m.name == "multislerp"; }
+
 // --keep-extra-tensors FROM: an index into recipe.models (from 0) or one of their paths (as written in the
 // recipe, or a path to the same file; both relative to the working directory). nullopt when FROM is empty.
 std::optional<std::size_t> resolve_keep_from(const Recipe& recipe, const std::string& from) {
@@ -136,7 +142,8 @@ const char* torch_dtype_name(DType d) {
 std::string model_card(const Recipe& recipe) {
   std::vector<std::string> inputs;
   if (recipe.base_model) inputs.push_back(recipe.base_model->string());
-  for (const auto& m : recipe.models) inputs.push_back(m.path.string() + (m.adapter ? "+" + m.adapter->string() : ""));
+  for (const auto& m : recipe.models)
+    inputs.push_back(m.adapter ? fmt::format("{}+{}", m.path.string(), m.adapter->string()) : m.path.string());
   std::string card = "---\nbase_model:\n";
   for (const auto& i : inputs) card += fmt::format("- {}\n", i);
   card += "library_name: transformers\ntags:\n- merge\n- taskvec\n---\n";
@@ -146,7 +153,8 @@ std::string model_card(const Recipe& recipe) {
   card += fmt::format("This model was merged using the {} merge method{}.\n\n", recipe.method->name,
                       recipe.base_model ? fmt::format(" with {} as the base", recipe.base_model->string()) : "");
   card += "### Models Merged\n\nThe following models were included in the merge:\n";
-  for (const auto& m : recipe.models) card += fmt::format("* {}{}\n", m.path.string(), m.adapter ? " + " + m.adapter->string() : "");
+  for (const auto& m : recipe.models)
+    card += m.adapter ? fmt::format("* {} + {}\n", m.path.string(), m.adapter->string()) : fmt::format("* {}\n", m.path.string());
   card += "\n### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n```yaml\n";
   card += recipe.source_text;
   if (!recipe.source_text.empty() && recipe.source_text.back() != '\n') card += "\n";
@@ -154,8 +162,104 @@ std::string model_card(const Recipe& recipe) {
   return card;
 }
 
+// mergekit's slices: the output tensors, layer by layer (renumbered from 0 across the slices), each merged
+// from the same layer of every source of its slice; embeddings from the first slice's sources, the other
+// tensors outside the layers (final norm, head) from the last slice's. Returns the output's layer count.
+template <class AddJob>
+int plan_slices(const Recipe& recipe, const std::vector<Checkpoint>& models, const AddJob& add_job) {
+  const std::string mname(recipe.method->name);
+  const auto is_pre = [](const std::string& n) {
+    return n.find("embed") != std::string::npos || n.find("wte.") != std::string::npos ||
+           n.find("wpe.") != std::string::npos;
+  };
+  std::map<std::size_t, std::map<int, std::vector<std::string>>> layers_of;  // model -> layer -> tensor names
+  const auto layer_names = [&](std::size_t model) -> const std::map<int, std::vector<std::string>>& {
+    auto it = layers_of.find(model);
+    if (it != layers_of.end()) return it->second;
+    auto& by_layer = layers_of[model];
+    for (const auto& name : models[model].tensor_names())
+      if (const int l = merge_layer_index(name); l >= 0) by_layer[l].push_back(name);
+    return by_layer;
+  };
+  static const std::map<std::string, RecipeValue> kNone;
+  const auto emit = [&](const std::string& out_name, std::size_t s, const std::vector<std::string>& in_names, int layer,
+                        int count) {
+    const RecipeSlice& slice = recipe.slices[s];
+    std::vector<const CheckpointTensor*> ts;
+    for (std::size_t j = 0; j < slice.sources.size(); ++j) {
+      const Checkpoint& c = models[slice.sources[j].model];
+      const CheckpointTensor* t = c.find(in_names[j]);
+      if (t == nullptr)
+        throw Error(ErrorCode::kTensorMissing,
+                    fmt::format("{}: slices[{}].sources[{}]: {} has no tensor '{}' (for the output's '{}')",
+                                recipe.file.string(), s, j, c.path().string(), in_names[j], out_name));
+      if (!ts.empty() && t->info->shape != ts.front()->info->shape)
+        throw Error(ErrorCode::kShapeMismatch,
+                    fmt::format("{}: slices[{}]: tensor '{}' of {} has shape [{}] but '{}' of {} has [{}]",
+                                recipe.file.string(), s, in_names[j], c.path().string(), fmt::join(t->info->shape, ", "),
+                                in_names[0], models[slice.sources[0].model].path().string(),
+                                fmt::join(ts.front()->info->shape, ", ")));
+      ts.push_back(t);
+    }
+    // The base (w_0, or slerp's t = 0 end) and the models the method combines.
+    std::optional<std::size_t> bj;
+    for (std::size_t j = 0; j < slice.sources.size(); ++j)
+      if (slice.base && slice.sources[j].model == *slice.base) bj = j;
+    const CheckpointTensor* kbase = nullptr;
+    std::vector<const CheckpointTensor*> kmodels;
+    std::vector<const std::map<std::string, RecipeValue>*> maps;
+    const bool all_models = mname == "linear" || mname == "passthrough" || mname == "karcher" || !bj;
+    if (!all_models && mname == "slerp") {
+      kmodels.push_back(ts[*bj]);
+      maps.push_back(&kNone);
+    } else if (!all_models) {
+      kbase = ts[*bj];
+    }
+    for (std::size_t j = 0; j < ts.size(); ++j) {
+      if (!all_models && j == *bj) continue;
+      kmodels.push_back(ts[j]);
+      maps.push_back(&slice.sources[j].params);
+    }
+    const CheckpointTensor* layout = kbase ? kbase : kmodels.front();
+    add_job(out_name, layout, takes_base(*recipe.method) ? kbase : nullptr, std::move(kmodels),
+            [&recipe, &slice, out_name, layer, count, maps](MergeJob& job) {
+              recipe.resolve_at(out_name, layer, count, maps, &slice.params, job.model_params, job.global);
+            });
+  };
+  const auto same_name_everywhere = [](const RecipeSlice& slice, const std::string& name) {
+    return std::vector<std::string>(slice.sources.size(), name);
+  };
+  const std::size_t last = recipe.slices.size() - 1;
+  for (const auto& name : models[recipe.slices.front().sources.front().model].tensor_names())
+    if (merge_layer_index(name) < 0 && is_pre(name)) emit(name, 0, same_name_everywhere(recipe.slices.front(), name), -1, 1);
+  int out_layer = 0;
+  for (std::size_t s = 0; s < recipe.slices.size(); ++s) {
+    const RecipeSlice& slice = recipe.slices[s];
+    const int count = slice.layers();
+    for (int i = 0; i < count; ++i, ++out_layer) {
+      const RecipeSliceSource& first = slice.sources.front();
+      const auto& by_layer = layer_names(first.model);
+      const auto it = by_layer.find(first.begin + i);
+      if (it == by_layer.end())
+        throw Error(ErrorCode::kTensorMissing,
+                    fmt::format("{}: slices[{}].sources[0]: {} has no layer {} (its layer_range is [{}, {}]; it has {} "
+                                "layers)",
+                                recipe.file.string(), s, models[first.model].path().string(), first.begin + i, first.begin,
+                                first.end, by_layer.empty() ? 0 : by_layer.rbegin()->first + 1));
+      for (const auto& name : it->second) {
+        std::vector<std::string> in_names;
+        for (const auto& src : slice.sources) in_names.push_back(merge_with_layer_index(name, src.begin + i));
+        emit(merge_with_layer_index(name, out_layer), s, in_names, i, count);
+      }
+    }
+  }
+  for (const auto& name : models[recipe.slices[last].sources.front().model].tensor_names())
+    if (merge_layer_index(name) < 0 && !is_pre(name)) emit(name, last, same_name_everywhere(recipe.slices[last], name), -1, 1);
+  return out_layer;
+}
+
 void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, const EditOptions& options,
-                     detail::OutputAuxiliary& aux) {
+                     int out_layers, detail::OutputAuxiliary& aux) {
   if (!options.copy_tokenizer) std::erase_if(aux.copies, detail::is_tokenizer_file);
   // The recipe beside the weights, under the name tools built around mergekit look for.
   aux.generated["mergekit_config.yml"] = recipe.source_text;
@@ -168,8 +272,8 @@ void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, co
     if (out && *out != j.out) uniform = false;
     out = j.out;
   }
-  const char* name = out ? torch_dtype_name(*out) : nullptr;
-  if (!uniform || name == nullptr) return;
+  const char* name = out && uniform ? torch_dtype_name(*out) : nullptr;
+  if (name == nullptr && out_layers == 0) return;
   std::optional<std::string> text;
   if (auto it = aux.generated.find("config.json"); it != aux.generated.end()) {
     text = it->second;
@@ -181,7 +285,9 @@ void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, co
     }
   }
   if (!text) return;
-  if (auto updated = detail::config_with_torch_dtype(*text, name)) aux.generated["config.json"] = std::move(*updated);
+  if (auto updated = detail::config_with_updates(*text, name ? std::optional<std::string>(name) : std::nullopt,
+                                                 out_layers > 0 ? std::optional<std::uint64_t>(out_layers) : std::nullopt))
+    aux.generated["config.json"] = std::move(*updated);
 }
 
 }  // namespace
@@ -294,64 +400,22 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   report.warnings.insert(report.warnings.end(), tie_warnings.begin(), tie_warnings.end());
   if (base) report.warnings.insert(report.warnings.end(), base->notes().begin(), base->notes().end());
   for (const auto& m : models) report.warnings.insert(report.warnings.end(), m.notes().begin(), m.notes().end());
-  // Every model must have the reference's tensors, with the same shapes (the checks linear edits make).
-  for (const Checkpoint& other : models) {
-    for (const auto& name : ref.tensor_names()) {
-      const CheckpointTensor* r = ref.find(name);
-      const CheckpointTensor* t = other.find(name);
-      detail::check_input_tensor(name, ref, *r, other, t, /*extra_rows_flag=*/false, /*merge_extra_rows=*/false);
-      if (&other != &ref && !dtype_is_editable(r->info->dtype)) {
-        if (auto w = detail::integer_tensor_change(name, *r, *t, ref.path().string())) report.warnings.push_back(*w);
-      }
-    }
-  }
-  // Tensors the models have and the reference lacks (a new head): refused, kept from one model, or dropped.
-  std::vector<const CheckpointTensor*> extra;  // copied from models[*keep_from]
-  {
-    std::vector<std::string> seen;
-    for (const Checkpoint& other : models) {
-      for (const auto& name : other.tensor_names()) {
-        if (ref.find(name) || std::find(seen.begin(), seen.end(), name) != seen.end()) continue;
-        seen.push_back(name);
-        if (keep_from) {
-          const Checkpoint& from = models[*keep_from];
-          const CheckpointTensor* t = from.find(name);
-          if (!t)
-            detail::throw_extra_tensor(name, other, ref,
-                                       fmt::format(", nor in {} (--keep-extra-tensors {}), so it cannot be kept from it; "
-                                                   "name a model that has it, or use --drop-extra-tensors",
-                                                   from.path().string(), options.keep_extra_tensors_from));
-          extra.push_back(t);
-          report.warnings.push_back(fmt::format("tensor '{}' is not in {}: copied unchanged from {} (--keep-extra-tensors)",
-                                                name, ref.path().string(), from.path().string()));
-        } else if (options.drop_extra_tensors) {
-          report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: left out (--drop-extra-tensors)", name,
-                                                other.path().string(), ref.path().string()));
-        } else {
-          detail::throw_extra_tensor(
-              name, other, ref,
-              ": it would be lost; use --keep-extra-tensors FROM to copy it unchanged from one model (FROM: its index "
-              "in the recipe's models list, from 0, or its path), or --drop-extra-tensors to leave it out");
-        }
-      }
-    }
-  }
-
-  int num_layers = 1;
-  for (const auto& name : ref.tensor_names()) num_layers = std::max(num_layers, merge_layer_index(name) + 1);
   std::optional<DType> out_dtype = options.out_dtype;
   if (!out_dtype) out_dtype = recipe.out_dtype ? recipe.out_dtype : recipe.dtype;
 
   // ---- plan every tensor (recipe values and budget checked here, before any byte is written) ----
   std::vector<MergeJob> jobs;
-  jobs.reserve(ref.tensor_names().size());
-  for (const auto& name : ref.tensor_names()) {
+  // One output tensor: copied or converted from `layout` (integer/bool tensors, tensors not selected),
+  // or merged from kbase and kmodels with the parameters `resolve` sets.
+  const auto add_job = [&](std::string out_name, const CheckpointTensor* layout, const CheckpointTensor* kbase,
+                           std::vector<const CheckpointTensor*> kmodels, const std::function<void(MergeJob&)>& resolve) {
     MergeJob job;
-    job.ref = ref.find(name);
+    job.out_name = std::move(out_name);
+    job.ref = layout;
     const TensorInfo& info = *job.ref->info;
     job.elements = info.num_elements();
     const bool editable = dtype_is_editable(info.dtype);
-    const bool chosen = filter.selects(name);
+    const bool chosen = filter.selects(job.out_name);
     job.out = editable && out_dtype ? *out_dtype : info.dtype;
     if (!editable || !chosen) {
       job.kind = job.out == info.dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;
@@ -361,11 +425,9 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     } else {
       job.kind = MergeJob::Kind::kMerge;
       ++report.tensors_edited;
-      if (method.needs_base) job.base = base->find(name);
-      if (slerp_from_base) job.models.push_back(base->find(name));
-      for (const auto& m : models) job.models.push_back(m.find(name));
-      recipe.resolve(name, num_layers, job.model_params, job.global);
-      if (slerp_from_base) job.model_params.insert(job.model_params.begin(), MergeModelParams{});
+      job.base = kbase;
+      job.models = std::move(kmodels);
+      resolve(job);
       // decoded inputs + result (f32), one delta buffer, sign and count lanes (TIES), encoded output (<= 8 B)
       std::uint64_t per_element = 4 * (job.models.size() + 2) + 24;
       if (is_svd_method(method)) per_element += 8 * 6;  // f64 SVD workspaces
@@ -377,21 +439,83 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
         throw Error(ErrorCode::kTensorTooLarge,
                     fmt::format("tensor '{}' ({} elements) needs {} bytes to merge with {} (whole-tensor method), more than "
                                 "the memory budget of {} bytes; raise --memory-budget to at least {}",
-                                name, job.elements, job.need_bytes, method.name, options.memory_budget, job.need_bytes));
+                                job.out_name, job.elements, job.need_bytes, method.name, options.memory_budget,
+                                job.need_bytes));
     }
     jobs.push_back(std::move(job));
-  }
-  for (const CheckpointTensor* t : extra) {  // --keep-extra-tensors: copied (or converted) like unselected tensors
-    MergeJob job;
-    job.ref = t;
-    job.elements = t->info->num_elements();
-    const bool editable = dtype_is_editable(t->info->dtype);
-    job.out = editable && out_dtype ? *out_dtype : t->info->dtype;
-    job.kind = job.out == t->info->dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;
-    job.chunked = true;
-    job.per_element = job.kind == MergeJob::Kind::kConvert ? 16 : 0;
-    ++report.tensors_copied;
-    jobs.push_back(std::move(job));
+  };
+  int out_layers = 0;  // slices: the output's layer count (config.json num_hidden_layers)
+  if (!recipe.slices.empty()) {
+    out_layers = plan_slices(recipe, models, add_job);
+  } else {
+    // Every model must have the reference's tensors, with the same shapes (the checks linear edits make).
+    for (const Checkpoint& other : models) {
+      for (const auto& name : ref.tensor_names()) {
+        const CheckpointTensor* r = ref.find(name);
+        const CheckpointTensor* t = other.find(name);
+        detail::check_input_tensor(name, ref, *r, other, t, /*extra_rows_flag=*/false, /*merge_extra_rows=*/false);
+        if (&other != &ref && !dtype_is_editable(r->info->dtype)) {
+          if (auto w = detail::integer_tensor_change(name, *r, *t, ref.path().string())) report.warnings.push_back(*w);
+        }
+      }
+    }
+    // Tensors the models have and the reference lacks (a new head): refused, kept from one model, or dropped.
+    std::vector<const CheckpointTensor*> extra;  // copied from models[*keep_from]
+    {
+      std::vector<std::string> seen;
+      for (const Checkpoint& other : models) {
+        for (const auto& name : other.tensor_names()) {
+          if (ref.find(name) || std::find(seen.begin(), seen.end(), name) != seen.end()) continue;
+          seen.push_back(name);
+          if (keep_from) {
+            const Checkpoint& from = models[*keep_from];
+            const CheckpointTensor* t = from.find(name);
+            if (!t)
+              detail::throw_extra_tensor(name, other, ref,
+                                         fmt::format(", nor in {} (--keep-extra-tensors {}), so it cannot be kept from it; "
+                                                     "name a model that has it, or use --drop-extra-tensors",
+                                                     from.path().string(), options.keep_extra_tensors_from));
+            extra.push_back(t);
+            report.warnings.push_back(fmt::format("tensor '{}' is not in {}: copied unchanged from {} (--keep-extra-tensors)",
+                                                  name, ref.path().string(), from.path().string()));
+          } else if (options.drop_extra_tensors) {
+            report.warnings.push_back(fmt::format("tensor '{}' of {} is not in {}: left out (--drop-extra-tensors)", name,
+                                                  other.path().string(), ref.path().string()));
+          } else {
+            detail::throw_extra_tensor(
+                name, other, ref,
+                ": it would be lost; use --keep-extra-tensors FROM to copy it unchanged from one model (FROM: its index "
+                "in the recipe's models list, from 0, or its path), or --drop-extra-tensors to leave it out");
+          }
+        }
+      }
+    }
+
+    int num_layers = 1;
+    for (const auto& name : ref.tensor_names()) num_layers = std::max(num_layers, merge_layer_index(name) + 1);
+    jobs.reserve(ref.tensor_names().size());
+    for (const auto& name : ref.tensor_names()) {
+      std::vector<const CheckpointTensor*> kmodels;
+      if (slerp_from_base) kmodels.push_back(base->find(name));
+      for (const auto& m : models) kmodels.push_back(m.find(name));
+      add_job(name, ref.find(name), takes_base(method) && base ? base->find(name) : nullptr, std::move(kmodels), [&](MergeJob& job) {
+        recipe.resolve(name, num_layers, job.model_params, job.global);
+        if (slerp_from_base) job.model_params.insert(job.model_params.begin(), MergeModelParams{});
+      });
+    }
+    for (const CheckpointTensor* t : extra) {  // --keep-extra-tensors: copied (or converted) like unselected tensors
+      MergeJob job;
+      job.out_name = t->info->name;
+      job.ref = t;
+      job.elements = t->info->num_elements();
+      const bool editable = dtype_is_editable(t->info->dtype);
+      job.out = editable && out_dtype ? *out_dtype : t->info->dtype;
+      job.kind = job.out == t->info->dtype ? MergeJob::Kind::kCopy : MergeJob::Kind::kConvert;
+      job.chunked = true;
+      job.per_element = job.kind == MergeJob::Kind::kConvert ? 16 : 0;
+      ++report.tensors_copied;
+      jobs.push_back(std::move(job));
+    }
   }
 
   // ---- whole-model TIES trim: per model, the k-th largest |tau| over every merged tensor ----
@@ -399,6 +523,9 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   const bool trim_model = std::any_of(jobs.begin(), jobs.end(), [](const MergeJob& j) {
     return j.kind == MergeJob::Kind::kMerge && j.global.trim_model;
   });
+  if (trim_model && !recipe.slices.empty())
+    throw Error(ErrorCode::kRecipe, fmt::format("{}: 'trim: model' (a whole-model threshold per model) is not supported "
+                                                "with slices; use the per-tensor trim", recipe.file.string()));
   if (trim_model) {
     std::vector<double> densities(models.size(), -1.0);
     for (std::size_t m = 0; m < models.size(); ++m) {
@@ -441,7 +568,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
         std::vector<std::span<const float>> spans(mv.begin(), mv.end());
         const std::vector<std::uint64_t> shape{count};
         MergeTensor in;
-        in.name = j.ref->info->name;
+        in.name = j.out_name;
         in.shape = shape;
         in.first_index = b;
         in.base = bv;
@@ -457,14 +584,14 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
 
   // ---- output plan ----
   std::vector<TensorSpec> specs;
-  for (const auto& j : jobs) specs.push_back({j.ref->info->name, j.out, j.ref->info->shape});
+  for (const auto& j : jobs) specs.push_back({j.out_name, j.out, j.ref->info->shape});
   auto metadata = ref.metadata();
   metadata.erase(kMetaKind);
   metadata.erase(kMetaPretrainedFingerprint);
   metadata["taskvec.merge_method"] = std::string(method.name);
   for (const auto& [k, v] : options.extra_metadata) metadata[k] = v;
   report.plan = CheckpointPlan::build(output, std::move(specs), metadata, options.write);
-  for (auto& j : jobs) std::tie(j.shard, j.index) = report.plan.location.at(j.ref->info->name);
+  for (auto& j : jobs) std::tie(j.shard, j.index) = report.plan.location.at(j.out_name);
   const unsigned threads = detail::resolve_threads(options.threads);
   // Work items: whole tensors, or chunks sized so that every worker's chunk fits the budget at once.
   std::vector<WorkItem> items;
@@ -527,7 +654,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       [&](std::size_t k, unsigned) {
         const WorkItem& item = items[k];
         const MergeJob& job = jobs[item.job];
-        const std::string& name = job.ref->info->name;
+        const std::string& name = job.out_name;
         auto finish = [&] {
           if (chunks_left[item.job].fetch_sub(1) == 1) ++tensors_done;
         };
@@ -668,7 +795,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   for (auto& [note, js] : kernel_notes) {
     std::sort(js.begin(), js.end());
     std::vector<std::string> names;
-    for (std::size_t i = 0; i < js.size() && i < kListed; ++i) names.push_back("'" + jobs[js[i]].ref->info->name + "'");
+    for (std::size_t i = 0; i < js.size() && i < kListed; ++i) names.push_back("'" + jobs[js[i]].out_name + "'");
     report.warnings.push_back(fmt::format("{} tensor{} ({}{}): {}", js.size(), js.size() == 1 ? "" : "s",
                                           fmt::join(names, ", "), js.size() > kListed ? ", ..." : "", note));
   }
@@ -690,20 +817,20 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     if (had_nonzero)
       zero_lines.push_back(fmt::format("tensor '{}': every element of the output is zero, while the {} is not (the merge "
                                        "erased it; check its weights, density and lambda)",
-                                       job.ref->info->name, job.base ? "base model's tensor" : "models' tensor"));
+                                       job.out_name, job.base ? "base model's tensor" : "models' tensor"));
   }
   warn_capped(zero_lines, "whose every output element is zero");
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     if (clamped[j].load() == 0) continue;
     report.warnings.push_back(fmt::format("tensor '{}': {} element(s) beyond the largest finite {} value {} were "
                                           "clamped to it (--clamp-overflow)",
-                                          jobs[j].ref->info->name, clamped[j].load(), dtype_name(jobs[j].out),
+                                          jobs[j].out_name, clamped[j].load(), dtype_name(jobs[j].out),
                                           dtype_max_finite(jobs[j].out)));
   }
   if (report.plan.is_folder) {
     detail::OutputAuxiliary aux;
     if (ref.folder()) aux = detail::output_auxiliary_files(ref, untied_ref);
-    add_merge_files(recipe, jobs, options, aux);
+    add_merge_files(recipe, jobs, options, out_layers, aux);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
     writer.commit(aux.copies, aux.generated);
     report.auxiliary_files = aux.file_names();

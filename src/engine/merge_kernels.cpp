@@ -389,6 +389,12 @@ void merge_linear(const MergeTensor& in, std::span<float> out) {
   }
 }
 
+void merge_passthrough(const MergeTensor& in, std::span<float> out) {
+  const std::size_t n = check_inputs(in, out, "passthrough", false, 1, 1);
+  const float scale = in.model_params[0].scale;
+  for (std::size_t i = 0; i < n; ++i) out[i] = scale == 1.0f ? in.models[0][i] : in.models[0][i] * scale;
+}
+
 void merge_task_arithmetic(const MergeTensor& in, std::span<float> out) {
   check_inputs(in, out, "task_arithmetic", true, 1);
   combine_linear(in, out, weight_scale(in, "task_arithmetic", true),

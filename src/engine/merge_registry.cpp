@@ -77,6 +77,14 @@ MergeParamSpec consensus_k() {
   return {"k", T::kInt, S::kGlobal, 2, 0, 1e9, false, false, {}, "minimum number of agreeing task masks"};
 }
 
+// mergekit's newer methods (merge_mergekit_methods.cpp): names and defaults as in mergekit's .py files.
+MergeParamSpec gflag(std::string_view name, bool def, std::string_view help) {
+  return {name, T::kBool, S::kGlobal, def ? 1.0 : 0.0, 0, 1, false, false, {}, help};
+}
+MergeParamSpec gfloat(std::string_view name, double def, double lo, std::string_view help) {
+  return {name, T::kFloat, S::kGlobal, def, lo, kInf, false, false, {}, help};
+}
+
 std::vector<MergeParamSpec> gta(bool sparsifies, bool consensus, bool normalize_default, bool rescale_default,
                                 std::vector<MergeParamSpec> extra) {
   std::vector<MergeParamSpec> p = {weight()};
@@ -118,6 +126,9 @@ std::vector<MergeMethod> build() {
   v.push_back({"model_stock", merge_model_stock, {filter_wise()}, true, 1, 1u << 20,
                "interpolate average and base by the angle between task vectors (Jang et al. 2024)"});
   v.push_back({"slerp", merge_slerp, {interp_t()}, false, 2, 2, "spherical interpolation of two models"});
+  v.push_back({"passthrough", merge_passthrough,
+               {{"scale", T::kFloat, S::kModel, 1.0, -kInf, kInf, false, false, {}, "multiplies the tensor (mergekit)"}},
+               false, 1, 1, "one model's tensors unchanged (or scaled); with slices, layer stacking"});
   v.push_back({"magnitude_prune", merge_magnitude_prune,
                {weight(), density(0.2), lambda(), rescale(false), normalize(false), count_rounding()}, true, 1, 1u << 20,
                "keep the largest magnitudes of each task vector, then task arithmetic"});
@@ -127,8 +138,38 @@ std::vector<MergeMethod> build() {
                "task singular vectors, decorrelated (Gargiulo et al. 2025)"});
   v.push_back({"iso_c", merge_iso_c, {weight(), lambda()}, true, 1, 1u << 20,
                "isotropic spectrum of the summed task vector (Marczak et al. 2025)"});
+  // mergekit's newer methods (mergekit/merge_methods/*.py). mergekit requires nuslerp's and multislerp's
+  // weight and nearswap's t; taskvec's registry has defaults for them (1, 1, 0.5).
+  v.push_back({"nuslerp", merge_nuslerp,
+               {weight(), gflag("nuslerp_row_wise", false, "vectors along dimension 0 instead of the last (nuslerp_flatten: false)"),
+                gflag("nuslerp_flatten", true, "one vector per tensor")},
+               false, 2, 2, "slerp of two models (or task vectors, with a base) at t = w1 / (w0 + w1)"});
+  v.push_back({"multislerp", merge_multislerp,
+               {weight(), gflag("normalize_weights", true, "divide the weights by their sum"),
+                gfloat("eps", 1e-8, 0, "stability constant of the projections")},
+               false, 1, 1u << 20, "spherical barycentre of several models (or task vectors, with a base)"});
+  v.push_back({"karcher", merge_karcher,
+               {{"max_iter", T::kInt, S::kGlobal, 10, 0, 1e9, false, false, {}, "iterations of the Karcher mean"},
+                gfloat("tol", 1e-5, 0, "convergence tolerance")},
+               false, 1, 1u << 20, "Riemannian (Karcher) mean of the models on the hypersphere"});
+  v.push_back({"nearswap", merge_nearswap,
+               {{"t", T::kFloat, S::kGlobal, 0.5, -kInf, kInf, false, false, {},
+                 "strength: weight = clamp(t / |base - model|, 0, 1) (mergekit requires it)"}},
+               true, 1, 1, "take the model where it is near the base"});
+  v.push_back({"sce", merge_sce,
+               {gfloat("select_topk", 1.0, 0, "fraction of highest-variance positions kept (>= 1 keeps all)"), int8_mask()},
+               true, 1, 1u << 20, "select by variance, weight by mean square, erase by sign (FuseChat, Wan et al. 2024)"});
+  v.push_back({"arcee_fusion", merge_arcee_fusion, {}, true, 1, 1, "keep the task vector where its KL-weighted importance is an outlier"});
+  v.push_back({"ram", merge_ram, {gfloat("epsilon", 1e-5, 0, "|tau| <= epsilon counts as unchanged")}, true, 1, 1u << 20,
+               "unique entries kept, shared ones averaged (Reinforced Agent Merging)"});
+  v.push_back({"ramplus_tl", merge_ramplus_tl,
+               {{"r", T::kFloat, S::kGlobal, 0.1, -kInf, kInf, false, false, {}, "rescaling strength of unique entries"},
+                {"alpha", T::kFloat, S::kGlobal, 0.2, -kInf, kInf, false, false, {}, "bound of the shared / unique ratio"},
+                gfloat("epsilon", 1e-5, 0, "|tau| <= epsilon counts as unchanged")},
+               true, 1, 1u << 20, "RAM with unique entries rescaled by the per-tensor overlap ratio"});
   for (auto& m : v)
-    m.elementwise = m.name == "linear" || m.name == "task_arithmetic" || m.name == "dare_linear" || m.name == "consensus";
+    m.elementwise = m.name == "linear" || m.name == "task_arithmetic" || m.name == "dare_linear" || m.name == "consensus" ||
+                    m.name == "nearswap" || m.name == "ram" || m.name == "passthrough";
   return v;
 }
 
@@ -160,6 +201,7 @@ void apply_param(std::string_view name, double value, MergeModelParams* model, M
     else if (name == "gamma") model->gamma = static_cast<float>(value);
     else if (name == "epsilon") model->epsilon = static_cast<float>(value);
     else if (name == "tall_lambda") model->tall_lambda = static_cast<float>(value);
+    else if (name == "scale") model->scale = static_cast<float>(value);
   }
   if (global) {
     if (name == "lambda") global->lambda = static_cast<float>(value);
@@ -173,6 +215,16 @@ void apply_param(std::string_view name, double value, MergeModelParams* model, M
     else if (name == "filter_wise") global->filter_wise = value != 0;
     else if (name == "t") global->t = static_cast<float>(value);
     else if (name == "k") global->k = static_cast<int>(value);
+    else if (name == "nuslerp_row_wise") global->nuslerp_row_wise = value != 0;
+    else if (name == "nuslerp_flatten") global->nuslerp_flatten = value != 0;
+    else if (name == "normalize_weights") global->normalize_weights = value != 0;
+    else if (name == "eps") global->eps = static_cast<float>(value);
+    else if (name == "max_iter") global->max_iter = static_cast<int>(value);
+    else if (name == "tol") global->tol = static_cast<float>(value);
+    else if (name == "select_topk") global->select_topk = static_cast<float>(value);
+    else if (name == "epsilon") global->epsilon = static_cast<float>(value);  // ram (della's is per model)
+    else if (name == "r") global->r = static_cast<float>(value);
+    else if (name == "alpha") global->alpha = static_cast<float>(value);
   }
 }
 

@@ -234,7 +234,8 @@ std::string rewrite_config(const fs::path& config, bool untie, std::optional<std
   return j.dump(2) + "\n";
 }
 
-std::optional<std::string> config_with_torch_dtype(const std::string& config_text, const std::string& torch_dtype) {
+std::optional<std::string> config_with_updates(const std::string& config_text, const std::optional<std::string>& torch_dtype,
+                                               std::optional<std::uint64_t> num_hidden_layers) {
   Json j;
   try {
     j = Json::parse(config_text);
@@ -243,12 +244,21 @@ std::optional<std::string> config_with_torch_dtype(const std::string& config_tex
   }
   if (!j.is_object()) return std::nullopt;
   bool changed = false;
-  for (const char* key : {"torch_dtype", "dtype"}) {
-    const bool present = j.contains(key);
-    if (std::string_view(key) == "dtype" && !present) continue;
-    if (present && j[key].is_string() && j[key].get<std::string>() == torch_dtype) continue;
-    j[key] = torch_dtype;
+  const auto set = [&](Json& obj, const char* key, const Json& value) {
+    if (obj.contains(key) && obj[key] == value) return;
+    obj[key] = value;
     changed = true;
+  };
+  if (torch_dtype) {
+    set(j, "torch_dtype", *torch_dtype);
+    if (j.contains("dtype")) set(j, "dtype", *torch_dtype);
+  }
+  if (num_hidden_layers) {
+    set(j, "num_hidden_layers", *num_hidden_layers);
+    for (const char* key : kTextConfigKeys) {
+      auto it = j.find(key);
+      if (it != j.end() && it->is_object() && it->contains("num_hidden_layers")) set(*it, "num_hidden_layers", *num_hidden_layers);
+    }
   }
   if (!changed) return std::nullopt;
   return j.dump(2) + "\n";

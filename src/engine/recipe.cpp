@@ -437,6 +437,17 @@ void check_tree(TreeWalk& w, const YAML::Node& node, const std::string& where, i
   w.ancestors.pop_back();
 }
 
+// Whether two recipe paths name the same file (symlinks resolved where the path exists).
+bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) {
+  const auto norm = [](const std::filesystem::path& p) {
+    std::error_code ec;
+    const auto abs = std::filesystem::absolute(p, ec).lexically_normal();
+    const auto c = std::filesystem::weakly_canonical(abs, ec);
+    return ec ? abs : c.lexically_normal();
+  };
+  return norm(a) == norm(b);
+}
+
 bool all_scalar(const std::map<std::string, RecipeValue>& params) {
   for (const auto& [k, v] : params)
     if (v.kind != RecipeValue::Kind::kScalar) return false;
@@ -460,6 +471,24 @@ int merge_layer_index(std::string_view name) {
     start = dot + 1;
   }
   return -1;
+}
+
+std::string merge_with_layer_index(std::string_view name, int layer) {
+  static const std::set<std::string_view> kPrefixes = {"layers", "layer", "h", "blocks", "block"};
+  std::size_t start = 0;
+  std::string_view prev;
+  while (start <= name.size()) {
+    const std::size_t dot = name.find('.', start);
+    const std::size_t len = dot == std::string_view::npos ? name.size() - start : dot - start;
+    const std::string_view part = name.substr(start, len);
+    if (!part.empty() && kPrefixes.count(prev) && part.size() <= 6 &&
+        part.find_first_not_of("0123456789") == std::string_view::npos)
+      return std::string(name.substr(0, start)) + std::to_string(layer) + std::string(name.substr(start + len));
+    prev = part;
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return std::string(name);
 }
 
 namespace {
@@ -492,34 +521,50 @@ double RecipeValue::resolve(const std::string& tensor_name, int layer, int num_l
 
 void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
                      MergeGlobalParams& global) const {
-  const int layer = merge_layer_index(tensor_name);
-  model_params.assign(models.size(), MergeModelParams{});
+  std::vector<const std::map<std::string, RecipeValue>*> maps;
+  for (const auto& m : models) maps.push_back(&m.params);
+  resolve_at(tensor_name, merge_layer_index(tensor_name), num_layers, maps, nullptr, model_params, global);
+}
+
+void Recipe::resolve_at(const std::string& tensor_name, int layer, int num_layers,
+                        const std::vector<const std::map<std::string, RecipeValue>*>& model_maps,
+                        const std::map<std::string, RecipeValue>* scope, std::vector<MergeModelParams>& model_params,
+                        MergeGlobalParams& global) const {
+  model_params.assign(model_maps.size(), MergeModelParams{});
   global = MergeGlobalParams{};
   global.seed = seed;
+  // mergekit's ConfigReader: the most specific place that gives a value for this tensor wins (a filter
+  // list that matches nothing falls through to the next place).
+  const auto find = [](const std::map<std::string, RecipeValue>* map, const std::string& name) -> const RecipeValue* {
+    if (map == nullptr) return nullptr;
+    const auto it = map->find(name);
+    return it == map->end() ? nullptr : &it->second;
+  };
   auto pick = [&](const RecipeValue* v, double def) {
     if (!v) return def;
     const double r = v->resolve(tensor_name, layer, num_layers);
     return std::isnan(r) ? def : r;
   };
+  bool disjoint_given = false;
   for (const auto& spec : method->params) {
     const std::string name(spec.name);
-    const auto git = params.find(name);
-    const RecipeValue* gv = git == params.end() ? nullptr : &git->second;
-    if (name == "disjoint" && !gv) continue;  // taskvec's explicit divisor; else normalize decides (below)
+    const RecipeValue* gv = find(&params, name);
+    const RecipeValue* sv = find(scope, name);
+    if (name == "disjoint") {
+      if (!gv && !sv) continue;  // taskvec's explicit divisor; else normalize decides (below)
+      disjoint_given = true;
+    }
+    const double outer = pick(sv, pick(gv, spec.default_value));
     if (spec.scope == MergeParamScope::kGlobal) {
-      merge_detail::apply_param(name, pick(gv, spec.default_value), nullptr, &global);
+      merge_detail::apply_param(name, outer, nullptr, &global);
       continue;
     }
-    const double gdef = pick(gv, spec.default_value);
-    for (std::size_t m = 0; m < models.size(); ++m) {
-      const auto mit = models[m].params.find(name);
-      merge_detail::apply_param(name, pick(mit == models[m].params.end() ? nullptr : &mit->second, gdef), &model_params[m],
-                                nullptr);
-    }
+    for (std::size_t m = 0; m < model_maps.size(); ++m)
+      merge_detail::apply_param(name, pick(find(model_maps[m], name), outer), &model_params[m], nullptr);
   }
   // TIES family: mergekit's normalize divides by the sum of the agreeing weights; taskvec's `disjoint`
   // (mean = / sum |w|, sum = no division) replaces it when given.
-  if (method->find_param("disjoint") && !params.count("disjoint"))
+  if (method->find_param("disjoint") && !disjoint_given)
     global.divisor = global.normalize ? MergeDivisor::kSignedWeights : MergeDivisor::kNone;
   const std::string at = file.string() + ": tensor '" + tensor_name + "'";
   if (global.normalize && method->name == "linear") {  // mergekit divides by 0 here; taskvec refuses
@@ -586,6 +631,95 @@ DocumentStarts count_documents(const std::string& text, std::size_t limit) {
   return out;
 }
 
+// mergekit's `slices:` form: each slice lists its sources (model + layer_range [begin, end)), with
+// per-source and per-slice parameters and an optional slice base_model.
+void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
+  const YAML::Node slices = root["slices"];
+  if (!slices.IsSequence() || slices.size() == 0) ctx.fail(slices, "slices", "expected a non-empty list of {sources: [...]}");
+  const std::string mname(r.method->name);
+  const auto model_index = [&](const std::filesystem::path& path, const std::optional<std::filesystem::path>& adapter) {
+    for (std::size_t i = 0; i < r.models.size(); ++i)
+      if (same_path(r.models[i].path, path) && r.models[i].adapter.has_value() == adapter.has_value() &&
+          (!adapter || same_path(*r.models[i].adapter, *adapter)))
+        return i;
+    RecipeModel m;
+    m.path = path;
+    m.adapter = adapter;
+    r.models.push_back(std::move(m));
+    return r.models.size() - 1;
+  };
+  for (std::size_t s = 0; s < slices.size(); ++s) {
+    const YAML::Node item = slices[s];
+    const std::string where = fmt::format("slices[{}]", s);
+    if (!item.IsMap()) ctx.fail(item, where, "expected {sources: [...], parameters: {...}}");
+    for (const auto& kv : item) {
+      const std::string k = kv.first.as<std::string>();
+      if (k == "residual_weight")
+        ctx.fail(kv.first, where + "." + k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
+      if (k != "sources" && k != "parameters" && k != "base_model")
+        ctx.fail(kv.first, where + "." + k, "unknown key (accepted: sources, parameters, base_model)");
+    }
+    RecipeSlice slice;
+    std::optional<std::pair<std::filesystem::path, std::optional<std::filesystem::path>>> base;
+    if (r.base_model) base.emplace(*r.base_model, r.base_model_adapter);
+    if (const auto b = item["base_model"]) base = parse_model_ref(ctx, b, where + ".base_model");
+    const YAML::Node sources = item["sources"];
+    if (!sources || !sources.IsSequence() || sources.size() == 0)
+      ctx.fail(sources ? sources : item, where + ".sources", "expected a non-empty list of {model, layer_range}");
+    for (std::size_t j = 0; j < sources.size(); ++j) {
+      const YAML::Node src = sources[j];
+      const std::string at = fmt::format("{}.sources[{}]", where, j);
+      if (!src.IsMap()) ctx.fail(src, at, "expected {model: PATH, layer_range: [BEGIN, END]}");
+      for (const auto& kv : src) {
+        const std::string k = kv.first.as<std::string>();
+        if (k != "model" && k != "layer_range" && k != "parameters")
+          ctx.fail(kv.first, at + "." + k, "unknown key (accepted: model, layer_range, parameters)");
+      }
+      if (!src["model"]) ctx.fail(src, at + ".model", "missing");
+      if (!src["layer_range"]) ctx.fail(src, at + ".layer_range", "missing");
+      const auto [path, adapter] = parse_model_ref(ctx, src["model"], at + ".model");
+      RecipeSliceSource source;
+      source.model = model_index(path, adapter);
+      const YAML::Node range = src["layer_range"];
+      try {
+        if (!range.IsSequence() || range.size() != 2) throw YAML::Exception(range.Mark(), "");
+        source.begin = range[0].as<int>();
+        source.end = range[1].as<int>();
+      } catch (const YAML::Exception&) {
+        ctx.fail(range, at + ".layer_range", "expected [BEGIN, END], two layer indices (END excluded)");
+      }
+      if (source.begin < 0 || source.end <= source.begin)
+        ctx.fail(range, at + ".layer_range", fmt::format("[{}, {}] is empty or negative", source.begin, source.end));
+      if (const auto p = src["parameters"]; p && !p.IsNull()) source.params = parse_params(ctx, p, at + ".parameters", *r.method, true);
+      if (base && same_path(path, base->first) && adapter.has_value() == base->second.has_value() &&
+          (!adapter || same_path(*adapter, *base->second))) {
+        if (slice.base) ctx.fail(src, at, "the slice's base model is listed twice");
+        slice.base = source.model;
+      }
+      if (!slice.sources.empty() && source.end - source.begin != slice.layers())
+        ctx.fail(range, at + ".layer_range",
+                 fmt::format("spans {} layers but the slice's first source {}: all sources of a slice span the same "
+                             "number of layers (as mergekit requires)", source.end - source.begin, slice.layers()));
+      slice.sources.push_back(std::move(source));
+    }
+    if (const auto p = item["parameters"]; p && !p.IsNull()) slice.params = parse_params(ctx, p, where + ".parameters", *r.method, false);
+    // The models the method combines in this slice: the sources except the base (the base is w_0 / the t = 0 end).
+    const std::size_t others = slice.sources.size() - (slice.base ? 1 : 0);
+    if (r.method->needs_base && !slice.base)
+      ctx.fail(sources, where + ".sources",
+               mname + " needs the base model among each slice's sources (mergekit reads the base's layers from there); "
+                       "add it with the layer_range to use");
+    const bool linear_like = mname == "linear" || mname == "passthrough";
+    const std::size_t count = linear_like ? slice.sources.size() : (mname == "slerp" && slice.base ? others + 1 : others);
+    if (count < r.method->min_models || count > r.method->max_models)
+      ctx.fail(sources, where + ".sources",
+               fmt::format("{} takes {}{} model{} per slice, got {}", mname, r.method->min_models,
+                           r.method->max_models == r.method->min_models ? "" : " or more",
+                           r.method->min_models == 1 && r.method->max_models == 1 ? "" : "s", count));
+    r.slices.push_back(std::move(slice));
+  }
+}
+
 Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
   Recipe r;
   Ctx ctx{file.string(), &r.warnings};
@@ -615,24 +749,24 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
 
   r.file = file;
   r.source_text = yaml_text;
-  static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"};
+  static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "slices", "parameters",
+                                                 "dtype", "out_dtype", "seed"};
   // mergekit's top-level keys taskvec does not read yet (docs/MERGEKIT.md).
-  static const std::set<std::string> kMergekitKeys = {"slices", "modules", "tokenizer_source", "tokenizer", "chat_template"};
+  static const std::set<std::string> kMergekitKeys = {"modules", "tokenizer_source", "tokenizer", "chat_template"};
   for (const auto& kv : root) {
     const std::string k = kv.first.as<std::string>();
     if (std::find(kKeys.begin(), kKeys.end(), k) != kKeys.end()) continue;
     if (kMergekitKeys.count(k))
       ctx.fail(kv.first, k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
     ctx.fail(kv.first, k, "unknown key" + did_you_mean(k, kKeys) +
-                              " (accepted: merge_method, base_model, models, parameters, dtype, out_dtype, seed)");
+                              " (accepted: merge_method, base_model, models, slices, parameters, dtype, out_dtype, seed)");
   }
   const YAML::Node method = root["merge_method"];
   if (!method) ctx.fail_plain("merge_method", "missing");
   if (!method.IsScalar()) ctx.fail(method, "merge_method", "expected a method name");
   r.method = find_merge_method(method.Scalar());
   if (!r.method) {
-    static const std::set<std::string> kMergekitMethods = {"nuslerp", "multislerp", "karcher", "sce", "nearswap",
-                                                           "arcee_fusion", "ram", "ramplus_tl", "passthrough"};
+    static const std::set<std::string> kMergekitMethods = {};  // every mergekit method is implemented
     if (kMergekitMethods.count(method.Scalar()))
       ctx.fail(method, "merge_method", "'" + method.Scalar() + "' is a mergekit method taskvec does not support yet (docs/MERGEKIT.md)");
     std::string names;
@@ -662,8 +796,13 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
       ctx.fail(p, "parameters.normalize", "give either disjoint (mean | sum) or its mergekit alias normalize, not both");
   }
 
+  if (root["slices"]) {
+    if (root["models"]) ctx.fail(root["slices"], "slices", "give either models or slices, not both (as mergekit)");
+    parse_slices(ctx, root, r);
+    return r;
+  }
   const YAML::Node models = root["models"];
-  if (!models) ctx.fail_plain("models", "missing");
+  if (!models) ctx.fail_plain("models", "missing (or slices)");
   if (!models.IsSequence() || models.size() == 0) ctx.fail(models, "models", "expected a non-empty list");
   for (std::size_t i = 0; i < models.size(); ++i) {
     const YAML::Node item = models[i];
@@ -694,16 +833,8 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
   if (r.method->needs_base && !r.base_model) ctx.fail_plain("base_model", "missing: " + mname + " needs a base model");
   // mergekit uses a models entry that is the base_model only as the base (generalized task arithmetic
   // skips it, model_stock and slerp take it as w_0 / the t = 0 end); linear averages it like any model.
-  if (r.base_model && mname != "linear") {
-    const auto same = [](const std::filesystem::path& a, const std::filesystem::path& b) {
-      const auto norm = [](const std::filesystem::path& p) {  // symlinks resolved where the path exists
-        std::error_code ec;
-        const auto abs = std::filesystem::absolute(p, ec).lexically_normal();
-        const auto c = std::filesystem::weakly_canonical(abs, ec);
-        return ec ? abs : c.lexically_normal();
-      };
-      return norm(a) == norm(b);
-    };
+  if (r.base_model && mname != "linear" && mname != "karcher") {
+    const auto same = same_path;
     const auto is_base = [&](const RecipeModel& m) {
       if (!same(m.path, *r.base_model)) return false;
       if (m.adapter.has_value() != r.base_model_adapter.has_value()) return false;
@@ -731,6 +862,18 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     ctx.warn(models, "models",
              "slerp with a base_model that is not one of its two models: taskvec interpolates models[0] (t = 0) to "
              "models[1] and ignores the base; mergekit refuses this recipe");
+  if (mname == "karcher" && r.base_model) {
+    // mergekit appends a base_model that is not among the models to karcher's inputs: one more model.
+    bool listed = false;
+    for (const auto& m : r.models) listed = listed || (same_path(m.path, *r.base_model) && m.adapter == r.base_model_adapter);
+    if (!listed) {
+      RecipeModel b;
+      b.path = *r.base_model;
+      b.adapter = r.base_model_adapter;
+      r.models.push_back(std::move(b));
+      ctx.warn(root["base_model"], "base_model", "karcher averages the base_model too, as one more model (as mergekit)");
+    }
+  }
   if (mname == "linear" && r.base_model) {
     bool listed = false;
     for (const auto& m : r.models) listed = listed || (m.path == *r.base_model && m.adapter == r.base_model_adapter);

@@ -55,7 +55,8 @@ Case random_case(std::size_t n, std::size_t models, unsigned seed) {
 TEST(MergeRegistry, EveryMethodIsRegisteredWithSaneDefaults) {
   const char* names[] = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                          "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "magnitude_prune", "consensus",
-                         "tsv_merge", "iso_c"};
+                         "tsv_merge", "iso_c", "nuslerp", "multislerp", "karcher", "nearswap", "sce", "arcee_fusion",
+                         "ram", "ramplus_tl", "passthrough"};
   for (const char* name : names) {
     const MergeMethod* m = find_merge_method(name);
     ASSERT_NE(m, nullptr) << name;

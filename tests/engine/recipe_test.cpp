@@ -433,8 +433,8 @@ parameters: {gamma: 0.1, int8_mask: true}
   EXPECT_NE(method.find("did you mean 'dare_ties'?"), std::string::npos) << method;
   const std::string key = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameter: {density: 0.5}\n");
   EXPECT_NE(key.find("did you mean 'parameters'?"), std::string::npos) << key;
-  const std::string nuslerp = message_of("merge_method: nuslerp\nbase_model: b\nmodels: [a]\n");
-  EXPECT_NE(nuslerp.find("'nuslerp' is a mergekit method taskvec does not support yet"), std::string::npos) << nuslerp;
+  const std::string slices = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_source: union\n");
+  EXPECT_NE(slices.find("'tokenizer_source': is a mergekit key taskvec does not support yet"), std::string::npos) << slices;
 }
 
 // mergekit's README lists the base among the models; mergekit uses it only as the base.
