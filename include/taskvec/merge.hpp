@@ -343,6 +343,7 @@ struct Recipe {
   std::optional<DType> out_dtype;
   std::uint64_t seed = 0;
   std::string source_text;                      ///< the YAML as read (saved as mergekit_config.yml beside a folder output)
+  std::optional<std::string> name;              ///< a stage's `name` (mergekit-multi); other stages refer to it as a model
   /// mergekit's `slices:` form. Then `models` lists each distinct source model once (no parameters) and
   /// the base_model, when it is a source, too.
   std::vector<RecipeSlice> slices;
@@ -367,8 +368,26 @@ struct Recipe {
 /// resolve against the working directory, as in mergekit.
 /// Throws Error{kRecipe} with the key, the file and the line.
 Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& file = "<string>");
-/// Reads and parses a recipe file (Error{kIo} when unreadable).
+/// Reads and parses a recipe file (Error{kIo} when unreadable). A file of several YAML documents is
+/// Error{kRecipe}: read it with load_recipe_stages.
 Recipe load_recipe(const std::filesystem::path& file);
+
+/// A multi-stage recipe (mergekit-multi): the YAML documents of the text (separated by '---'), one
+/// Recipe each, in file order; a single document gives one stage. Stage names are unique and at most one
+/// stage has none (the final merge). Throws Error{kRecipe} as parse_recipe, per document.
+std::vector<Recipe> parse_recipe_stages(const std::string& yaml_text, const std::filesystem::path& file = "<string>");
+/// Reads and parses a multi-stage recipe file (Error{kIo} when unreadable).
+std::vector<Recipe> load_recipe_stages(const std::filesystem::path& file);
+
+/// Runs the stages of a multi-stage recipe in dependency order: a model path (base_model, models, slice
+/// sources) equal to another stage's name is that stage's output. Intermediate outputs are folders
+/// `intermediate_dir`/NAME (kept; one that exists already is reused unless `rerun`), or, with an empty
+/// `intermediate_dir`, folders in a temporary folder beside `output` that is removed at the end. The
+/// final stage (the unnamed one, else the one no stage refers to) is written to `output`. Throws
+/// Error{kRecipe} for a reference cycle or no single final stage, and what merge_checkpoints throws. The
+/// report is the final stage's; every stage's warnings are in it, prefixed "stage 'NAME': ".
+EditReport merge_stages(const std::vector<Recipe>& stages, const std::filesystem::path& output, const EditOptions& options,
+                        const std::filesystem::path& intermediate_dir = {}, bool rerun = false);
 
 /// The layer index of a tensor name: the number after "layers.", "layer.", "h.", "blocks.", "block."
 /// (as a whole dotted component, first occurrence), e.g. "model.layers.12.mlp.w" -> 12; -1 when none.

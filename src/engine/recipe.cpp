@@ -585,7 +585,24 @@ void Recipe::resolve_at(const std::string& tensor_name, int layer, int num_layer
 
 namespace {
 Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file);
+std::vector<Recipe> parse_recipe_documents(const std::string& yaml_text, const std::filesystem::path& file);
 }  // namespace
+
+std::vector<Recipe> parse_recipe_stages(const std::string& yaml_text, const std::filesystem::path& file) {
+  try {
+    return parse_recipe_documents(yaml_text, file);
+  } catch (const YAML::Exception& e) {
+    throw Error(ErrorCode::kRecipe, file.string() + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+  }
+}
+
+std::vector<Recipe> load_recipe_stages(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error(ErrorCode::kIo, file.string() + ": cannot read the recipe");
+  std::stringstream s;
+  s << in.rdbuf();
+  return parse_recipe_stages(s.str(), file);
+}
 
 Recipe parse_recipe(const std::string& yaml_text, const std::filesystem::path& file) {
   try {
@@ -720,29 +737,68 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
   }
 }
 
-Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
-  Recipe r;
-  Ctx ctx{file.string(), &r.warnings};
-  YAML::Node root;
+constexpr std::size_t kMaxStages = 64;  // documents of a multi-stage recipe
+
+Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, const std::filesystem::path& file);
+
+// The documents of `yaml_text`, loaded. Not with LoadAll alone: on a stray ',' or ']' yaml-cpp 0.7
+// returns the same empty document for ever without consuming the token, and LoadAll never ends; the
+// documents are counted first with a parser that detects that.
+std::vector<YAML::Node> load_documents(const std::string& yaml_text, const std::string& file) {
   try {
-    // Load reads the first document only and would silently drop the others, so the documents are
-    // counted first. Not with LoadAll: on a stray ',' or ']' yaml-cpp 0.7 returns the same empty
-    // document for ever without consuming the token, and LoadAll never ends.
-    const DocumentStarts starts = count_documents(yaml_text, 3);  // a third start tells a stuck second one
+    const DocumentStarts starts = count_documents(yaml_text, kMaxStages + 2);
     if (starts.stuck_at) {
-      throw Error(ErrorCode::kRecipe, fmt::format("{}:{}: invalid YAML: unexpected '{}'", ctx.file, starts.stuck_at->line + 1,
+      throw Error(ErrorCode::kRecipe, fmt::format("{}:{}: invalid YAML: unexpected '{}'", file, starts.stuck_at->line + 1,
                                                   escape_control(yaml_text.substr(std::min<std::size_t>(starts.stuck_at->pos, yaml_text.size()), 1))));
     }
-    if (starts.marks.size() > 1) {
-      throw Error(ErrorCode::kRecipe,
-                  fmt::format("{}: the file holds more than one YAML document (separated by '---'; the second starts "
-                              "near line {}): multi-document recipes are not supported yet; put one recipe per file",
-                              ctx.file, starts.marks[1].line + 1));
-    }
-    root = YAML::Load(yaml_text);
+    if (starts.marks.size() > kMaxStages)
+      throw Error(ErrorCode::kRecipe, fmt::format("{}: more than {} YAML documents (stages)", file, kMaxStages));
+    if (starts.marks.size() <= 1) return {YAML::Load(yaml_text)};
+    return YAML::LoadAll(yaml_text);
   } catch (const YAML::ParserException& e) {
-    throw Error(ErrorCode::kRecipe, ctx.file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
+    throw Error(ErrorCode::kRecipe, file + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
   }
+}
+
+Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::path& file) {
+  const std::vector<YAML::Node> docs = load_documents(yaml_text, file.string());
+  if (docs.size() > 1) {
+    throw Error(ErrorCode::kRecipe,
+                fmt::format("{}: the file holds {} YAML documents (separated by '---'; the second starts near line {}): "
+                            "a multi-stage recipe, which taskvec merge runs stage by stage (load_recipe_stages)",
+                            file.string(), docs.size(), docs[1].Mark().line + 1));
+  }
+  return parse_recipe_root(docs.front(), yaml_text, file);
+}
+
+std::vector<Recipe> parse_recipe_documents(const std::string& yaml_text, const std::filesystem::path& file) {
+  std::vector<Recipe> stages;
+  for (const YAML::Node& doc : load_documents(yaml_text, file.string())) {
+    if (doc.IsNull()) continue;  // an empty document (a trailing '---')
+    stages.push_back(parse_recipe_root(doc, yaml_text, file));
+  }
+  if (stages.empty()) throw Error(ErrorCode::kRecipe, file.string() + ": the file holds no recipe");
+  if (stages.size() > 1) {
+    std::set<std::string> names;
+    std::size_t unnamed = 0;
+    for (const Recipe& r : stages) {
+      if (!r.name) {
+        ++unnamed;
+        continue;
+      }
+      if (!names.insert(*r.name).second)
+        throw Error(ErrorCode::kRecipe, fmt::format("{}: two stages are named '{}'", file.string(), *r.name));
+    }
+    if (unnamed > 1)
+      throw Error(ErrorCode::kRecipe, fmt::format("{}: {} stages have no 'name'; at most one may (the final merge, "
+                                                  "written to the output)", file.string(), unnamed));
+  }
+  return stages;
+}
+
+Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, const std::filesystem::path& file) {
+  Recipe r;
+  Ctx ctx{file.string(), &r.warnings};
   if (!root.IsMap()) throw Error(ErrorCode::kRecipe, ctx.file + ": a recipe is a YAML mapping (merge_method, models, ...)");
   TreeWalk walk{ctx, {}, 0};
   check_tree(walk, root, "", 1);
@@ -750,7 +806,7 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
   r.file = file;
   r.source_text = yaml_text;
   static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "slices", "parameters",
-                                                 "dtype", "out_dtype", "seed"};
+                                                 "dtype", "out_dtype", "seed", "name"};
   // mergekit's top-level keys taskvec does not read yet (docs/MERGEKIT.md).
   static const std::set<std::string> kMergekitKeys = {"modules", "tokenizer_source", "tokenizer", "chat_template"};
   for (const auto& kv : root) {
@@ -759,7 +815,13 @@ Recipe parse_recipe_node(const std::string& yaml_text, const std::filesystem::pa
     if (kMergekitKeys.count(k))
       ctx.fail(kv.first, k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
     ctx.fail(kv.first, k, "unknown key" + did_you_mean(k, kKeys) +
-                              " (accepted: merge_method, base_model, models, slices, parameters, dtype, out_dtype, seed)");
+                              " (accepted: merge_method, base_model, models, slices, parameters, dtype, out_dtype, seed, name)");
+  }
+  if (const auto n = root["name"]) {
+    if (!n.IsScalar() || n.Scalar().empty() || n.Scalar().find_first_of("/\\") != std::string::npos || n.Scalar() == "." ||
+        n.Scalar() == "..")
+      ctx.fail(n, "name", "expected a stage name (no '/' or '\\'), e.g. first-merge");
+    r.name = n.Scalar();
   }
   const YAML::Node method = root["merge_method"];
   if (!method) ctx.fail_plain("merge_method", "missing");

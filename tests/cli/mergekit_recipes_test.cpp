@@ -283,5 +283,59 @@ dtype: bfloat16
   }
 }
 
+// docs/multimerge.md's example (mergekit-multi): named stages, a stage's name as a model, the unnamed
+// final stage written to the output; the same bytes as running the three recipes one after the other.
+TEST_F(MergekitRecipes, MultiStageRecipeRunsItsStagesInDependencyOrder) {
+  const std::string first = "merge_method: linear\nmodels:\n  - model: Mistral-7B-v0.1\n  - model: BioMistral-7B\n"
+                            "parameters:\n  weight: 0.5\n";
+  const std::string second = "merge_method: slerp\nbase_model: first-merge\nmodels:\n  - model: model_a\nparameters:\n  t: 0.5\n";
+  const std::string final_stage = "merge_method: dare_ties\nbase_model: Mistral-7B-v0.1\nmodels:\n"
+                                  "  - model: second-merge\n    parameters:\n      density: 0.6\n      weight: 0.5\n"
+                                  "  - model: model_b\n    parameters:\n      density: 0.8\n      weight: 0.5\nseed: 3\n";
+  // The final stage first in the file: the order comes from the references, not from the file.
+  std::ofstream(dir / "multi.yml") << final_stage << "---\nname: second-merge\n" << second << "---\nname: first-merge\n" << first;
+  Result r = run("merge -q multi.yml final", dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  // By hand: each stage as its own recipe, the outputs named as the stages.
+  ASSERT_EQ(merge("1.yml", first, "first-merge").status, 0);
+  ASSERT_EQ(merge("2.yml", second, "second-merge").status, 0);
+  ASSERT_EQ(merge("3.yml", final_stage, "by_hand").status, 0);
+  const Checkpoint out = Checkpoint::open(dir / "final");
+  ASSERT_EQ(out.tensor_names(), Checkpoint::open(dir / "by_hand").tensor_names());
+  for (const auto& name : out.tensor_names())
+    EXPECT_EQ(read_tensor_bytes(dir / "final", name), read_tensor_bytes(dir / "by_hand", name)) << name;
+  // The temporary folder of intermediates is gone.
+  for (const auto& e : fs::directory_iterator(dir.path()))
+    EXPECT_EQ(e.path().filename().string().rfind(".taskvec-stages-", 0), std::string::npos) << e.path();
+
+  // --intermediate-dir keeps the stages and reuses them on the next run (mergekit-multi's lazy default).
+  Result kept = run("merge multi.yml kept --intermediate-dir stages", dir);
+  ASSERT_EQ(kept.status, 0) << kept.err;
+  EXPECT_TRUE(fs::exists(dir / "stages" / "first-merge" / "model.safetensors"));
+  EXPECT_TRUE(fs::exists(dir / "stages" / "second-merge"));
+  Result again = run("merge --force multi.yml kept --intermediate-dir stages", dir);
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_NE(again.err.find("stage 'first-merge': stages/first-merge exists already and is used as it is (--no-lazy "
+                           "recomputes it)"),
+            std::string::npos)
+      << again.err;
+  for (const auto& name : out.tensor_names())
+    EXPECT_EQ(read_tensor_bytes(dir / "kept", name), read_tensor_bytes(dir / "final", name)) << name;
+
+  // A cycle, and two final stages, are refused before anything is merged.
+  std::ofstream(dir / "cycle.yml") << "name: a\nmerge_method: linear\nmodels: [b, model_a]\n---\nname: b\n"
+                                      "merge_method: linear\nmodels: [a, model_b]\n---\nmerge_method: linear\nmodels: [a]\n";
+  Result cycle = run("merge cycle.yml c", dir);
+  EXPECT_EQ(cycle.status, 2) << cycle.err;
+  EXPECT_NE(cycle.err.find("use each other's outputs in a cycle"), std::string::npos) << cycle.err;
+  std::ofstream(dir / "two.yml") << "name: a\nmerge_method: linear\nmodels: [model_a]\n---\nname: b\n"
+                                    "merge_method: linear\nmodels: [model_b]\n";
+  Result two = run("merge two.yml t", dir);
+  EXPECT_EQ(two.status, 2) << two.err;
+  EXPECT_NE(two.err.find("2 stages are used by no other (a, b)"), std::string::npos) << two.err;
+  EXPECT_FALSE(fs::exists(dir / "c"));
+  EXPECT_FALSE(fs::exists(dir / "t"));
+}
+
 }  // namespace
 }  // namespace taskvec

@@ -74,11 +74,22 @@ TEST(TrustRecipe, SameKeyInDifferentMappingsIsFine) {
             ErrorCode::kInternal);
 }
 
-TEST(TrustRecipe, MultiDocumentRecipeIsRefused) {
-  const Outcome o = parse("merge_method: linear\nmodels: [a, b]\n---\nmerge_method: ties\nbase_model: x\nmodels: [a]\n");
+// parse_recipe reads one recipe: a file of several documents is a multi-stage recipe (parse_recipe_stages),
+// never its first document alone.
+TEST(TrustRecipe, MultiDocumentRecipeIsRefusedAsOneRecipeAndReadAsStages) {
+  const std::string text = "merge_method: linear\nmodels: [a, b]\n---\nname: s\nmerge_method: ties\nbase_model: x\nmodels: [a]\n";
+  const Outcome o = parse(text);
   EXPECT_EQ(o.code, ErrorCode::kRecipe);
-  EXPECT_NE(o.message.find("multi-document recipes are not supported yet"), std::string::npos) << o.message;
-  EXPECT_NE(o.message.find("holds more than one YAML document"), std::string::npos) << o.message;
+  EXPECT_NE(o.message.find("holds 2 YAML documents (separated by '---'; the second starts near line 4): a multi-stage "
+                           "recipe"),
+            std::string::npos)
+      << o.message;
+  const std::vector<Recipe> stages = parse_recipe_stages(text, "r.yaml");
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_FALSE(stages[0].name);
+  EXPECT_EQ(stages[1].name, "s");
+  EXPECT_EQ(stages[1].method->name, "ties");
+  EXPECT_EQ(parse_recipe_stages("merge_method: linear\nmodels: [a]\n---\n").size(), 1u);  // a trailing '---'
 }
 
 TEST(TrustRecipe, SingleDocumentWithStartMarkerIsFine) {

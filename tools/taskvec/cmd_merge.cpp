@@ -43,7 +43,8 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
                                           "dare_ties, breadcrumbs, della, model_stock, slerp, consensus, tsv_merge, "
                                           "iso_c, ...; docs/METHODS.md, docs/MERGEKIT.md)");
   struct Args {
-    std::string recipe, output, output_positional, out_shard_size;
+    std::string recipe, output, output_positional, out_shard_size, intermediate_dir;
+    bool no_lazy = false;
     std::optional<std::uint64_t> seed;
     bool no_model_card = false, no_copy_tokenizer = false, copy_tokenizer = false;
     bool cuda = false, lazy_unpickle = false, low_cpu_memory = false, trust_remote_code = false;
@@ -67,6 +68,10 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
   cmd->add_flag("--allow-crimes", args->flags.options.allow_crimes,
                 "Merge inputs whose config.json disagree on the architecture (model_type, sizes, layers, heads, "
                 "vocabulary), with a warning per difference (mergekit's flag)");
+  cmd->add_option("--intermediate-dir", args->intermediate_dir,
+                  "Multi-stage recipes (several YAML documents, as mergekit-multi): keep each named stage's output in "
+                  "DIR/NAME and reuse it on the next run (default: a temporary folder beside the output, removed after)");
+  cmd->add_flag("--no-lazy", args->no_lazy, "With --intermediate-dir: recompute stages whose output exists (mergekit-multi's flag)");
   cmd->add_flag("--no-model-card", args->no_model_card, "Do not write a README.md model card into a folder output");
   cmd->add_flag("--copy-tokenizer", args->copy_tokenizer, "Copy the base's tokenizer files into a folder output (default)");
   cmd->add_flag("--no-copy-tokenizer", args->no_copy_tokenizer, "Do not copy the base's tokenizer files");
@@ -99,9 +104,10 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
                                             std::tuple{args->trust_remote_code, "--trust-remote-code", "no code from a model repository is ever run"}}) {
         if (set) fmt::print(stderr, "taskvec: note: {} (a mergekit flag) has no effect: {}\n", flag, why);
       }
-      Recipe recipe = load_recipe(args->recipe);
-      if (args->seed) recipe.seed = *args->seed;
-      EditReport report = merge_checkpoints(recipe, output, args->flags.options);
+      std::vector<Recipe> stages = load_recipe_stages(args->recipe);
+      for (auto& stage : stages)
+        if (args->seed) stage.seed = *args->seed;
+      EditReport report = merge_stages(stages, output, args->flags.options, args->intermediate_dir, args->no_lazy);
       print_edit_report(report, global, args->flags.options.dry_run);
       return 0;
     };
