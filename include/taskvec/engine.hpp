@@ -71,6 +71,9 @@ struct EditOptions {
   bool write_model_card = true;
   /// merge only, folder output: copy the base's tokenizer files (mergekit's --copy-tokenizer, default on).
   bool copy_tokenizer = true;
+  /// merge only: plan, and fill EditReport::explanation with every tensor's resolved parameters (which
+  /// differ from the method's defaults marked); nothing is read beyond the headers, nothing is written.
+  bool explain = false;
   std::map<std::string, std::string> extra_metadata;  ///< added to the output's __metadata__
   std::function<void(const Progress&)> on_progress;   ///< optional
 };
@@ -99,6 +102,9 @@ struct EditReport {
   /// modules, ...; copied from the inputs or written by taskvec), by file name, sorted. Empty for a
   /// single-file output and for a dry run.
   std::vector<std::string> auxiliary_files;
+  /// merge with EditOptions::explain: the resolved parameters, one group of lines per set of tensors that
+  /// share them (nothing is written).
+  std::vector<std::string> explanation;
 };
 
 /// The general kernel: out = base_scale * base + sum(terms). All inputs must have the base's tensor

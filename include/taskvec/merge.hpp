@@ -330,6 +330,12 @@ struct RecipeSlice {
   int layers() const noexcept { return sources.empty() ? 0 : sources.front().end - sources.front().begin; }
 };
 
+/// The parameter values a recipe gives one tensor, by name (what `taskvec merge --explain` prints).
+struct ResolvedValues {
+  std::vector<std::pair<std::string, double>> global;               ///< the method's global parameters
+  std::vector<std::vector<std::pair<std::string, double>>> models;  ///< per kernel model, its model-scope ones
+};
+
 /// A parsed, validated merge recipe, with mergekit's meaning (docs/MERGEKIT.md): a `models:` entry that is
 /// the base_model is used only as the base (removed from `models`); slerp's t = 0 end is the base.
 struct Recipe {
@@ -354,14 +360,14 @@ struct Recipe {
   /// Parameters for one tensor, checked (cross-parameter ranges; linear's normalize with zero weight sum).
   /// Throws Error{kRecipe} naming the tensor, the key and the recipe file.
   void resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
-               MergeGlobalParams& global) const;
+               MergeGlobalParams& global, ResolvedValues* values = nullptr) const;
   /// The same for explicit parameter sources (slices): one model-scope map per kernel model, then
   /// `scope` (a slice's parameters, may be null) before the global ones; `layer` of `num_layers` places
   /// gradients (layer < 0: no layer, the first value).
   void resolve_at(const std::string& tensor_name, int layer, int num_layers,
                   const std::vector<const std::map<std::string, RecipeValue>*>& model_maps,
                   const std::map<std::string, RecipeValue>* scope, std::vector<MergeModelParams>& model_params,
-                  MergeGlobalParams& global) const;
+                  MergeGlobalParams& global, ResolvedValues* values = nullptr) const;
 };
 
 /// Parses YAML text. `file` names the recipe in messages. Relative model paths are kept as written: they

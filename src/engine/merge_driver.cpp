@@ -208,10 +208,12 @@ int plan_slices(const Recipe& recipe, const std::vector<Checkpoint>& models, con
     const CheckpointTensor* kbase = nullptr;
     std::vector<const CheckpointTensor*> kmodels;
     std::vector<const std::map<std::string, RecipeValue>*> maps;
+    std::vector<std::string> labels;
     const bool all_models = mname == "linear" || mname == "passthrough" || mname == "karcher" || !bj;
     if (!all_models && mname == "slerp") {
       kmodels.push_back(ts[*bj]);
       maps.push_back(&kNone);
+      labels.push_back(fmt::format("{} (base, t = 0)", models[slice.sources[*bj].model].path().string()));
     } else if (!all_models) {
       kbase = ts[*bj];
     }
@@ -219,11 +221,12 @@ int plan_slices(const Recipe& recipe, const std::vector<Checkpoint>& models, con
       if (!all_models && j == *bj) continue;
       kmodels.push_back(ts[j]);
       maps.push_back(&slice.sources[j].params);
+      labels.push_back(fmt::format("slices[{}].sources[{}] {}", s, j, models[slice.sources[j].model].path().string()));
     }
     const CheckpointTensor* layout = kbase ? kbase : kmodels.front();
-    add_job(out_name, layout, takes_base(*recipe.method) ? kbase : nullptr, std::move(kmodels),
-            [&recipe, &slice, out_name, layer, count, maps](MergeJob& job) {
-              recipe.resolve_at(out_name, layer, count, maps, &slice.params, job.model_params, job.global);
+    add_job(out_name, layout, takes_base(*recipe.method) ? kbase : nullptr, std::move(kmodels), labels,
+            [&recipe, &slice, out_name, layer, count, maps](MergeJob& job, ResolvedValues* values) {
+              recipe.resolve_at(out_name, layer, count, maps, &slice.params, job.model_params, job.global, values);
             });
   };
   const auto same_name_everywhere = [](const RecipeSlice& slice, const std::string& name) {
@@ -407,8 +410,33 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   std::vector<MergeJob> jobs;
   // One output tensor: copied or converted from `layout` (integer/bool tensors, tensors not selected),
   // or merged from kbase and kmodels with the parameters `resolve` sets.
+  // --explain: each set of resolved parameters (as text) and the tensors that have it, in first-seen order.
+  std::vector<std::pair<std::string, std::vector<std::string>>> explained;
+  std::map<std::string, std::size_t> explained_at;
+  const auto format_value = [&](const std::string& name, double v) {
+    const MergeParamSpec* spec = method.find_param(name);
+    std::string text = fmt::format("{:g}", v);
+    if (spec && spec->type == MergeParamType::kBool) text = v != 0 ? "true" : "false";
+    if (spec && spec->type == MergeParamType::kChoice && v >= 0 && v < static_cast<double>(spec->choices.size()))
+      text = std::string(spec->choices[static_cast<std::size_t>(v)]);
+    return fmt::format("{}={}{}", name, text, spec && v != spec->default_value ? "*" : "");
+  };
+  const auto explain = [&](const std::string& out_name, const ResolvedValues& values, const std::vector<std::string>& labels) {
+    std::string text = "  global:";
+    for (const auto& [name, v] : values.global) text += fmt::format(" {}", format_value(name, v));
+    if (values.global.empty()) text += " (none)";
+    for (std::size_t m = 0; m < values.models.size(); ++m) {
+      text += fmt::format("\n  {}:", m < labels.size() ? labels[m] : fmt::format("models[{}]", m));
+      for (const auto& [name, v] : values.models[m]) text += fmt::format(" {}", format_value(name, v));
+      if (values.models[m].empty()) text += " (no per-model parameters)";
+    }
+    const auto [it, fresh] = explained_at.emplace(text, explained.size());
+    if (fresh) explained.push_back({text, {}});
+    explained[it->second].second.push_back(out_name);
+  };
   const auto add_job = [&](std::string out_name, const CheckpointTensor* layout, const CheckpointTensor* kbase,
-                           std::vector<const CheckpointTensor*> kmodels, const std::function<void(MergeJob&)>& resolve) {
+                           std::vector<const CheckpointTensor*> kmodels, const std::vector<std::string>& labels,
+                           const std::function<void(MergeJob&, ResolvedValues*)>& resolve) {
     MergeJob job;
     job.out_name = std::move(out_name);
     job.ref = layout;
@@ -427,7 +455,9 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       ++report.tensors_edited;
       job.base = kbase;
       job.models = std::move(kmodels);
-      resolve(job);
+      ResolvedValues values;
+      resolve(job, options.explain ? &values : nullptr);
+      if (options.explain) explain(job.out_name, values, labels);
       // decoded inputs + result (f32), one delta buffer, sign and count lanes (TIES), encoded output (<= 8 B)
       std::uint64_t per_element = 4 * (job.models.size() + 2) + 24;
       if (is_svd_method(method)) per_element += 8 * 6;  // f64 SVD workspaces
@@ -494,14 +524,22 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     int num_layers = 1;
     for (const auto& name : ref.tensor_names()) num_layers = std::max(num_layers, merge_layer_index(name) + 1);
     jobs.reserve(ref.tensor_names().size());
+    std::vector<std::string> labels;
+    if (slerp_from_base) labels.push_back(fmt::format("{} (base, t = 0)", recipe.base_model->string()));
+    for (std::size_t m = 0; m < recipe.models.size(); ++m)
+      labels.push_back(fmt::format("models[{}] {}", m, recipe.models[m].path.string()));
     for (const auto& name : ref.tensor_names()) {
       std::vector<const CheckpointTensor*> kmodels;
       if (slerp_from_base) kmodels.push_back(base->find(name));
       for (const auto& m : models) kmodels.push_back(m.find(name));
-      add_job(name, ref.find(name), takes_base(method) && base ? base->find(name) : nullptr, std::move(kmodels), [&](MergeJob& job) {
-        recipe.resolve(name, num_layers, job.model_params, job.global);
-        if (slerp_from_base) job.model_params.insert(job.model_params.begin(), MergeModelParams{});
-      });
+      add_job(name, ref.find(name), takes_base(method) && base ? base->find(name) : nullptr, std::move(kmodels), labels,
+              [&](MergeJob& job, ResolvedValues* values) {
+                recipe.resolve(name, num_layers, job.model_params, job.global, values);
+                if (slerp_from_base) {
+                  job.model_params.insert(job.model_params.begin(), MergeModelParams{});
+                  if (values) values->models.insert(values->models.begin(), {});
+                }
+              });
     }
     for (const CheckpointTensor* t : extra) {  // --keep-extra-tensors: copied (or converted) like unselected tensors
       MergeJob job;
@@ -516,6 +554,20 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
       ++report.tensors_copied;
       jobs.push_back(std::move(job));
     }
+  }
+
+  if (options.explain) {
+    report.explanation.push_back(fmt::format("{} ({}): resolved parameters per tensor; * = not {}'s default",
+                                             recipe.file.string(), method.name, method.name));
+    for (const auto& [text, names] : explained) {
+      std::string list;
+      for (std::size_t i = 0; i < names.size() && i < 4; ++i) list += (i ? ", " : "") + names[i];
+      if (names.size() > 4) list += fmt::format(", ... ({} more)", names.size() - 4);
+      report.explanation.push_back(fmt::format("{} tensor{}: {}", names.size(), names.size() == 1 ? "" : "s", list));
+      report.explanation.push_back(text);
+    }
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return report;
   }
 
   // ---- whole-model TIES trim: per model, the k-th largest |tau| over every merged tensor ----

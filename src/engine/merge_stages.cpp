@@ -95,10 +95,11 @@ EditReport merge_stages(const std::vector<Recipe>& stages, const fs::path& outpu
                                                   fmt::format("{}", fmt::join(stuck, ", "))));
     }
   }
-  if (options.dry_run)
+  if (options.dry_run || options.explain)
     throw Error(ErrorCode::kInvalidArgument,
-                fmt::format("{}: --dry-run plans one merge, and this recipe has {} stages whose later ones read the "
-                            "earlier ones' outputs; dry-run a stage on its own", file, stages.size()));
+                fmt::format("{}: {} plans one merge, and this recipe has {} stages whose later ones read the earlier "
+                            "ones' outputs; plan a stage on its own", file, options.dry_run ? "--dry-run" : "--explain",
+                            stages.size()));
   if (fs::exists(output, ec) && !options.write.force)
     throw Error(ErrorCode::kOutputExists, fmt::format("{} already exists (use --force to replace it)", output.string()));
   // Where the intermediates go.

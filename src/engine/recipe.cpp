@@ -520,17 +520,21 @@ double RecipeValue::resolve(const std::string& tensor_name, int layer, int num_l
 }
 
 void Recipe::resolve(const std::string& tensor_name, int num_layers, std::vector<MergeModelParams>& model_params,
-                     MergeGlobalParams& global) const {
+                     MergeGlobalParams& global, ResolvedValues* values) const {
   std::vector<const std::map<std::string, RecipeValue>*> maps;
   for (const auto& m : models) maps.push_back(&m.params);
-  resolve_at(tensor_name, merge_layer_index(tensor_name), num_layers, maps, nullptr, model_params, global);
+  resolve_at(tensor_name, merge_layer_index(tensor_name), num_layers, maps, nullptr, model_params, global, values);
 }
 
 void Recipe::resolve_at(const std::string& tensor_name, int layer, int num_layers,
                         const std::vector<const std::map<std::string, RecipeValue>*>& model_maps,
                         const std::map<std::string, RecipeValue>* scope, std::vector<MergeModelParams>& model_params,
-                        MergeGlobalParams& global) const {
+                        MergeGlobalParams& global, ResolvedValues* values) const {
   model_params.assign(model_maps.size(), MergeModelParams{});
+  if (values) {
+    values->global.clear();
+    values->models.assign(model_maps.size(), {});
+  }
   global = MergeGlobalParams{};
   global.seed = seed;
   // mergekit's ConfigReader: the most specific place that gives a value for this tensor wins (a filter
@@ -557,10 +561,14 @@ void Recipe::resolve_at(const std::string& tensor_name, int layer, int num_layer
     const double outer = pick(sv, pick(gv, spec.default_value));
     if (spec.scope == MergeParamScope::kGlobal) {
       merge_detail::apply_param(name, outer, nullptr, &global);
+      if (values) values->global.emplace_back(name, outer);
       continue;
     }
-    for (std::size_t m = 0; m < model_maps.size(); ++m)
-      merge_detail::apply_param(name, pick(find(model_maps[m], name), outer), &model_params[m], nullptr);
+    for (std::size_t m = 0; m < model_maps.size(); ++m) {
+      const double v = pick(find(model_maps[m], name), outer);
+      merge_detail::apply_param(name, v, &model_params[m], nullptr);
+      if (values) values->models[m].emplace_back(name, v);
+    }
   }
   // TIES family: mergekit's normalize divides by the sum of the agreeing weights; taskvec's `disjoint`
   // (mean = / sum |w|, sum = no division) replaces it when given.

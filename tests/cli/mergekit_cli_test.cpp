@@ -121,5 +121,22 @@ TEST_F(MergekitCli, MergekitFlagsWithoutEffectAreNotedAndBadFlagsUseTaskvecsForm
   EXPECT_FALSE(fs::exists(dir / "out2"));
 }
 
+// --explain: the resolved parameters of every tensor, grouped, non-defaults marked; nothing written.
+TEST_F(MergekitCli, ExplainPrintsResolvedParametersPerTensorGroup) {
+  std::ofstream(dir / "ties.yaml") << "merge_method: ties\nbase_model: pre\nmodels:\n  - model: ft\n    parameters:\n"
+                                      "      density: [{filter: norm, value: 0.5}, {value: 1}]\n      weight: 0.25\n"
+                                      "parameters: {lambda: 2}\n";
+  Result r = run("merge ties.yaml out --explain", dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  EXPECT_NE(r.out.find("ties.yaml (ties): resolved parameters per tensor; * = not ties's default\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("1 tensor: model.layers.0.w\n  global: count_rounding=floor trim=tensor lambda=2* normalize=true "
+                       "rescale=false int8_mask=false sign_tie=positive\n  models[0] ft: weight=0.25* density=1\n"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("1 tensor: model.norm.weight\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("models[0] ft: weight=0.25* density=0.5*"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace taskvec

@@ -72,6 +72,9 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
                   "Multi-stage recipes (several YAML documents, as mergekit-multi): keep each named stage's output in "
                   "DIR/NAME and reuse it on the next run (default: a temporary folder beside the output, removed after)");
   cmd->add_flag("--no-lazy", args->no_lazy, "With --intermediate-dir: recompute stages whose output exists (mergekit-multi's flag)");
+  cmd->add_flag("--explain", args->flags.options.explain,
+                "Print every tensor's resolved parameters (grouped: tensors that share them), marking those that differ "
+                "from the method's defaults, and stop; nothing is written");
   cmd->add_flag("--no-model-card", args->no_model_card, "Do not write a README.md model card into a folder output");
   cmd->add_flag("--copy-tokenizer", args->copy_tokenizer, "Copy the base's tokenizer files into a folder output (default)");
   cmd->add_flag("--no-copy-tokenizer", args->no_copy_tokenizer, "Do not copy the base's tokenizer files");
@@ -108,6 +111,11 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
       for (auto& stage : stages)
         if (args->seed) stage.seed = *args->seed;
       EditReport report = merge_stages(stages, output, args->flags.options, args->intermediate_dir, args->no_lazy);
+      if (args->flags.options.explain) {
+        for (const auto& w : report.warnings) fmt::print(stderr, "taskvec: warning: {}\n", w);
+        for (const auto& line : report.explanation) fmt::print("{}\n", line);
+        return 0;
+      }
       print_edit_report(report, global, args->flags.options.dry_run);
       return 0;
     };
