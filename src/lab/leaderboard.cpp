@@ -85,7 +85,7 @@ LeaderboardGrids default_grids(bool quick) {
           {"dare_ties", P{{"density", dens}, {"lambda", ties}}},
           {"breadcrumbs", P{{"density", dens}, {"gamma", {0.01}}, {"lambda", pruned}}},
           {"breadcrumbs_ties", P{{"density", dens}, {"gamma", {0.01}}, {"lambda", ties}}},
-          // density +- epsilon must stay in [0, 1]
+          // density +- epsilon must stay inside (0, 1)
           {"della", P{{"density", dens}, {"epsilon", {0.1}}, {"lambda", ties}}},
           {"magnitude_prune", P{{"density", dens}, {"lambda", pruned}}},
           {"consensus", P{{"k", {2}}, {"tall_lambda", {0.2, 0.4, 0.6}}, {"lambda", sum}}},
@@ -184,9 +184,23 @@ Json run_leaderboard(SeedState& s, const LabConfig& c, const LeaderboardGrids& g
     std::ostringstream y;
     y << "merge_method: " << method << "\nbase_model: " << yaml_path(pre) << "\nmodels:\n";
     for (const auto& m : models) y << "  - " << yaml_path(m) << "\n";
-    if (!point.empty()) {
+    // The papers' rules, explicit since recipes follow mergekit's defaults (issue 12): TIES's disjoint mean
+    // with the majority sign where the sum is 0, DARE's and DELLA's per-element rescale, round-half-up
+    // top-k counts, DELLA ranked along the last dimension. The leaderboard's numbers
+    // (docs/REPRODUCTION.md) were measured with these.
+    std::vector<std::string> rules;
+    const MergeMethod* mm = find_merge_method(method);
+    if (mm && mm->find_param("disjoint")) {
+      rules.push_back("disjoint: mean");
+      rules.push_back("sign_tie: majority");
+    }
+    if (method == "dare_linear" || method == "dare_ties" || method == "della") rules.push_back("rescale: inverse_density");
+    if (mm && mm->find_param("count_rounding")) rules.push_back("count_rounding: round");
+    if (method == "della") rules.push_back("rank_dim: -1");
+    if (!point.empty() || !rules.empty()) {
       y << "parameters:\n";
       for (const auto& [k, v] : point) y << "  " << k << ": " << yaml_number(v) << "\n";
+      for (const auto& r : rules) y << "  " << r << "\n";
     }
     y << "seed: " << s.seed() << "\n";
     merge_checkpoints(parse_recipe(y.str(), "<leaderboard:" + method + ">"), out, options);
