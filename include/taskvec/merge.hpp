@@ -388,7 +388,8 @@ std::vector<Recipe> load_recipe_stages(const std::filesystem::path& file);
 /// Runs the stages of a multi-stage recipe in dependency order: a model path (base_model, models, slice
 /// sources) equal to another stage's name is that stage's output. Intermediate outputs are folders
 /// `intermediate_dir`/NAME (kept; one that exists already is reused unless `rerun`), or, with an empty
-/// `intermediate_dir`, folders in a temporary folder beside `output` that is removed at the end. The
+/// `intermediate_dir`, folders in a temporary folder beside `output` that is removed at the end (and the
+/// folders left there by runs that were killed, whose process is gone, are removed first). The
 /// final stage (the unnamed one, else the one no stage refers to) is written to `output`. Throws
 /// Error{kRecipe} for a reference cycle or no single final stage, and what merge_checkpoints throws. The
 /// report is the final stage's; every stage's warnings are in it, prefixed "stage 'NAME': ".

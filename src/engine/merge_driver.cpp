@@ -367,6 +367,9 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     // tensor is read, the inputs' config.json must agree on model_type, architectures, sizes and vocabulary.
     std::vector<detail::ConfigDifference> differences;
     detail::check_input_configs(all, options.merge_extra_rows, tie_warnings, &differences);
+    // Slices take layer ranges: sources of different depths are what frankenmerges stack (mergekit too).
+    if (!recipe.slices.empty())
+      std::erase_if(differences, [](const detail::ConfigDifference& d) { return d.key.ends_with("num_hidden_layers"); });
     if (!differences.empty()) {
       std::size_t wk = 3, wa = 5;
       for (const auto& d : differences) {

@@ -1,7 +1,10 @@
 // Multi-stage recipes (mergekit-multi): named stages run in dependency order, a stage's name used as a
 // model path means its output. docs/METHODS.md "Multi-stage recipes".
 #include <fmt/format.h>
+#include <signal.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <filesystem>
@@ -27,6 +30,26 @@ std::set<std::string> references(const Recipe& r, const std::set<std::string>& n
   if (r.base_model) check(*r.base_model);
   for (const auto& m : r.models) check(m.path);
   return out;
+}
+
+constexpr std::string_view kStagesPrefix = ".taskvec-stages-";
+
+// Temporary folders of earlier runs beside `output` whose process no longer exists (killed or
+// interrupted before it could remove them): ".taskvec-stages-PID-XXXXXXXX" with PID not alive.
+void remove_stale_stage_folders(const fs::path& parent) {
+  std::error_code ec;
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!name.starts_with(kStagesPrefix) || !it->is_directory(ec)) continue;
+    const std::string rest = name.substr(kStagesPrefix.size());
+    const auto dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
+    const long pid = std::stol(rest.substr(0, dash));
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive (or not ours to judge)
+    std::error_code rm;
+    fs::remove_all(it->path(), rm);
+  }
 }
 
 // Removes a temporary folder of intermediates when the run ends, however it ends.
@@ -108,7 +131,8 @@ EditReport merge_stages(const std::vector<Recipe>& stages, const fs::path& outpu
   if (folder.empty()) {
     std::random_device rd;
     const fs::path parent = output.has_parent_path() ? output.parent_path() : fs::path(".");
-    folder = parent / fmt::format(".taskvec-stages-{}-{:08x}", static_cast<long>(::getpid()), rd());
+    remove_stale_stage_folders(parent);
+    folder = parent / fmt::format("{}{}-{:08x}", kStagesPrefix, static_cast<long>(::getpid()), rd());
     temporary.path = folder;
   }
   fs::create_directories(folder, ec);

@@ -682,7 +682,9 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
       if (k == "residual_weight")
         ctx.fail(kv.first, where + "." + k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
       if (k != "sources" && k != "parameters" && k != "base_model")
-        ctx.fail(kv.first, where + "." + k, "unknown key (accepted: sources, parameters, base_model)");
+        ctx.fail(kv.first, where + "." + k,
+                 "unknown key" + did_you_mean(k, {"sources", "parameters", "base_model"}) +
+                     " (accepted: sources, parameters, base_model)");
     }
     RecipeSlice slice;
     std::optional<std::pair<std::filesystem::path, std::optional<std::filesystem::path>>> base;
@@ -698,7 +700,9 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
       for (const auto& kv : src) {
         const std::string k = kv.first.as<std::string>();
         if (k != "model" && k != "layer_range" && k != "parameters")
-          ctx.fail(kv.first, at + "." + k, "unknown key (accepted: model, layer_range, parameters)");
+          ctx.fail(kv.first, at + "." + k,
+                   "unknown key" + did_you_mean(k, {"model", "layer_range", "parameters"}) +
+                       " (accepted: model, layer_range, parameters)");
       }
       if (!src["model"]) ctx.fail(src, at + ".model", "missing");
       if (!src["layer_range"]) ctx.fail(src, at + ".layer_range", "missing");
@@ -713,8 +717,12 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
       } catch (const YAML::Exception&) {
         ctx.fail(range, at + ".layer_range", "expected [BEGIN, END], two layer indices (END excluded)");
       }
-      if (source.begin < 0 || source.end <= source.begin)
-        ctx.fail(range, at + ".layer_range", fmt::format("[{}, {}] is empty or negative", source.begin, source.end));
+      if (source.begin < 0)
+        ctx.fail(range, at + ".layer_range", fmt::format("[{}, {}] starts before layer 0", source.begin, source.end));
+      if (source.end <= source.begin)
+        ctx.fail(range, at + ".layer_range",
+                 fmt::format("[{}, {}] holds no layer (the end is excluded: [{}, {}] is one layer)", source.begin,
+                             source.end, source.begin, source.begin + 1));
       if (const auto p = src["parameters"]; p && !p.IsNull()) source.params = parse_params(ctx, p, at + ".parameters", *r.method, true);
       if (base && same_path(path, base->first) && adapter.has_value() == base->second.has_value() &&
           (!adapter || same_path(*adapter, *base->second))) {
@@ -730,6 +738,10 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
     if (const auto p = item["parameters"]; p && !p.IsNull()) slice.params = parse_params(ctx, p, where + ".parameters", *r.method, false);
     // The models the method combines in this slice: the sources except the base (the base is w_0 / the t = 0 end).
     const std::size_t others = slice.sources.size() - (slice.base ? 1 : 0);
+    if (mname == "slerp" && base && !slice.base)
+      ctx.warn(sources, where + ".sources",
+               "slerp with a base_model that is not one of this slice's sources: taskvec interpolates sources[0] (t = 0) "
+               "to sources[1] and ignores the base; mergekit refuses this recipe");
     if (r.method->needs_base && !slice.base)
       ctx.fail(sources, where + ".sources",
                mname + " needs the base model among each slice's sources (mergekit reads the base's layers from there); "

@@ -4,6 +4,8 @@
 // test: layer stacking (passthrough slices) copies the layers it names and renumbers them, a one-slice
 // recipe gives the same bytes as its models: form, linear is the weighted average.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -136,6 +138,26 @@ dtype: float16
   EXPECT_EQ(config["num_hidden_layers"], 6);
   EXPECT_EQ(config["torch_dtype"], "float16");
   EXPECT_EQ(Checkpoint::open(out).tensor_names().size(), 6u * 9u + 3u);
+}
+
+// Frankenmerges stack models of different depths: their config.json's num_hidden_layers may differ
+// without --allow-crimes (mergekit's check compares the architecture, not the depth); other keys may not.
+TEST_F(MergekitRecipes, SlicesAcceptSourcesOfDifferentDepths) {
+  auto config = nlohmann::json::parse(read_text(dir / "Platypus2-13B" / "config.json"));
+  config["num_hidden_layers"] = 6;
+  std::ofstream(dir / "Platypus2-13B" / "config.json") << config.dump(2);
+  const std::string slices = "slices:\n  - sources:\n    - model: orca_mini_v3_13b\n      layer_range: [0, 2]\n"
+                             "  - sources:\n    - model: Platypus2-13B\n      layer_range: [2, 4]\n"
+                             "merge_method: passthrough\n";
+  Result r = merge("deep.yml", slices, "deep");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(read_text(dir / "deep" / "config.json"))["num_hidden_layers"], 4);
+  config["hidden_size"] = 16;
+  std::ofstream(dir / "Platypus2-13B" / "config.json") << config.dump(2);
+  Result refused = merge("deep2.yml", slices, "deep2");
+  EXPECT_EQ(refused.status, 5) << refused.err;
+  EXPECT_NE(refused.err.find("hidden_size"), std::string::npos) << refused.err;
+  EXPECT_EQ(refused.err.find("  num_hidden_layers "), std::string::npos) << refused.err;
 }
 
 // examples/gradient-slerp.yml, in both of its forms: one full slice and models: give the same bytes.
@@ -307,6 +329,21 @@ TEST_F(MergekitRecipes, MultiStageRecipeRunsItsStagesInDependencyOrder) {
   // The temporary folder of intermediates is gone.
   for (const auto& e : fs::directory_iterator(dir.path()))
     EXPECT_EQ(e.path().filename().string().rfind(".taskvec-stages-", 0), std::string::npos) << e.path();
+  // One left by a run that was killed (its process is gone) is removed by the next run; one of a live
+  // process (this test's) is not.
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  waitpid(child, nullptr, 0);
+  const fs::path stale = dir / (".taskvec-stages-" + std::to_string(child) + "-0badf00d");
+  const fs::path live = dir / (".taskvec-stages-" + std::to_string(getpid()) + "-00000001");
+  fs::create_directories(stale / "first-merge");
+  fs::create_directories(live);
+  std::ofstream(stale / "first-merge" / "model.safetensors") << "left behind";
+  ASSERT_EQ(run("merge -q --force multi.yml final", dir).status, 0);
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(live));
+  fs::remove_all(live);
 
   // --intermediate-dir keeps the stages and reuses them on the next run (mergekit-multi's lazy default).
   Result kept = run("merge multi.yml kept --intermediate-dir stages", dir);

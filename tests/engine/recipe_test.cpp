@@ -468,6 +468,39 @@ parameters: {normalize: true}
   EXPECT_EQ(a.models.size(), 2u);
 }
 
+TEST(Recipe, SlicesParseWithTheirChecks) {
+  const Recipe r = parse_recipe(R"(slices:
+  - sources:
+      - {model: a, layer_range: [0, 2], parameters: {weight: 0.5}}
+      - {model: b, layer_range: [2, 4]}
+    parameters: {weight: 2}
+merge_method: linear
+)", "r.yaml");
+  ASSERT_EQ(r.slices.size(), 1u);
+  ASSERT_EQ(r.models.size(), 2u);
+  EXPECT_EQ(r.slices[0].sources[1].begin, 2);
+  EXPECT_EQ(r.slices[0].layers(), 2);
+  // mergekit's order: the source's value, then the slice's, then the global one.
+  std::vector<MergeModelParams> mp;
+  MergeGlobalParams gp;
+  r.resolve_at("w", 0, 2, {&r.slices[0].sources[0].params, &r.slices[0].sources[1].params}, &r.slices[0].params, mp, gp);
+  EXPECT_FLOAT_EQ(mp[0].weight, 0.5f);
+  EXPECT_FLOAT_EQ(mp[1].weight, 2.0f);
+  const std::string head = "merge_method: passthrough\nslices:\n  - sources:\n";
+  EXPECT_NE(message_of(head + "      - {model: a, layer_range: [-1, 2]}\n").find("starts before layer 0"), std::string::npos);
+  EXPECT_NE(message_of(head + "      - {model: a, layer_range: [2, 2]}\n").find("holds no layer"), std::string::npos);
+  EXPECT_NE(message_of(head + "      - {model: a, layer_rang: [0, 2]}\n").find("did you mean 'layer_range'?"), std::string::npos);
+  EXPECT_NE(message_of(head + "      - {model: a, layer_range: [0, 2]}\n      - {model: b, layer_range: [0, 2]}\n")
+                .find("passthrough takes 1 model per slice, got 2"),
+            std::string::npos);
+  EXPECT_NE(message_of("merge_method: ties\nbase_model: c\n" + head.substr(25) + "      - {model: a, layer_range: [0, 2]}\n")
+                .find("ties needs the base model among each slice's sources"),
+            std::string::npos);
+  const Recipe s = parse_recipe("merge_method: slerp\nbase_model: c\nparameters: {t: 0.5}\nslices:\n  - sources:\n"
+                                "      - {model: a, layer_range: [0, 2]}\n      - {model: b, layer_range: [0, 2]}\n");
+  EXPECT_TRUE(has_warning(s, "slerp with a base_model that is not one of this slice's sources"));
+}
+
 TEST(Recipe, RescaleTakesBooleansAndInverseDensity) {
   std::vector<MergeModelParams> mp;
   MergeGlobalParams gp;

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <optional>
 
 #include "cli.hpp"
@@ -85,7 +86,15 @@ void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action)
   cmd->add_flag("--trust-remote-code", args->trust_remote_code, "mergekit flag: accepted, no effect (no model code is ever run)");
   cmd->callback([&global, &action, args] {
     action = [&global, args] {
-      if (!args->output.empty() && !args->output_positional.empty() && args->output != args->output_positional)
+      const auto same_output = [](const std::string& a, const std::string& b) {
+        const auto norm = [](const std::string& p) {
+          std::string s = std::filesystem::path(p).lexically_normal().string();
+          while (s.size() > 1 && s.back() == '/') s.pop_back();
+          return s;
+        };
+        return norm(a) == norm(b);
+      };
+      if (!args->output.empty() && !args->output_positional.empty() && !same_output(args->output, args->output_positional))
         throw Error(ErrorCode::kInvalidArgument, fmt::format("two outputs: '{}' and -o '{}'; give one",
                                                              args->output_positional, args->output));
       const std::string output = args->output.empty() ? args->output_positional : args->output;
