@@ -58,7 +58,7 @@ struct MergeGlobalParams {
   MergeRescale rescale = MergeRescale::kNone;       ///< DARE / DELLA / magnitude drops
   MergeDivisor divisor = MergeDivisor::kSignedWeights;  ///< TIES-family disjoint merge
   bool sign_tie_majority = false;  ///< TIES election of a zero sum: false = + (mergekit), true = the tensor's majority sign
-  bool round_count = false;    ///< top-k counts: false = floor(density * n) (mergekit), true = round (taskvec before 0.3)
+  bool round_count = false;    ///< top-k counts: false = floor(density * n) (mergekit), true = round (taskvec's rule before mergekit's, count_rounding: round)
   bool trim_model = false;     ///< ties: trim against a whole-model threshold (MergeTensor::trim_thresholds)
   int rank_dim = 1;            ///< della: the dimension magnitudes are ranked along (mergekit: 1; -1 = the last)
   bool filter_wise = false;    ///< model_stock: one interpolation ratio per row (last dimension) instead of per tensor
