@@ -158,6 +158,12 @@ struct SafetensorsLayout {
 /// temp file ".NAME.tmp-XXXXXX" in the same folder; commit() fsyncs it, renames it onto `path` and
 /// fsyncs the folder. Destroying an uncommitted AtomicFile removes the temp file. write_at() is
 /// thread-safe (pwrite). ENOSPC/EFBIG raise Error{kDiskFull}; other failures Error{kIo}.
+/// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove the temp file of every AtomicFile not yet
+/// committed (unlink, async-signal-safe), then end the process as the signal would have (default action
+/// re-raised). For programs: the taskvec CLI calls it first thing. SIGKILL cannot be caught: after it a
+/// hidden temp file may stay (docs/SECURITY.md).
+void install_interrupt_cleanup() noexcept;
+
 class AtomicFile {
  public:
   /// Creates the temp file and reserves `size` bytes (posix_fallocate, so a full disk fails early; on
@@ -184,6 +190,7 @@ class AtomicFile {
   std::filesystem::path path_;
   std::filesystem::path temp_path_;
   int fd_ = -1;
+  int slot_ = -1;  // in the table install_interrupt_cleanup() empties on SIGINT / SIGTERM / SIGHUP
   bool committed_ = false;
   bool synced_ = false;
   mutable std::atomic<std::uint64_t> unsynced_{0};  // bytes written since the last write-back start

@@ -1,12 +1,15 @@
 // Output files written in place and published by rename, so no reader sees a partial file.
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include <fmt/format.h>
@@ -29,7 +32,54 @@ std::filesystem::path folder_of(const std::filesystem::path& path) {
   return parent.empty() ? std::filesystem::path(".") : parent;
 }
 
+// The temp files alive now, for the signal handler: a fixed table (no allocation, no lock) whose slots
+// are claimed and released with atomics, which are lock-free and so async-signal-safe. A run with more
+// temp files than slots leaves the rest to the destructors (and to chance, on a signal).
+constexpr std::size_t kTempSlots = 256;
+constexpr std::size_t kTempPathMax = 4096;
+struct TempSlot {
+  std::atomic<int> state{0};  // 0 free, 1 being filled, 2 names a live temp file
+  char path[kTempPathMax];
+};
+TempSlot g_temp_slots[kTempSlots];
+static_assert(std::atomic<int>::is_always_lock_free);
+
+int register_temp(const std::string& path) noexcept {
+  if (path.size() >= kTempPathMax) return -1;
+  for (std::size_t i = 0; i < kTempSlots; ++i) {
+    int expected = 0;
+    if (!g_temp_slots[i].state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
+    std::memcpy(g_temp_slots[i].path, path.c_str(), path.size() + 1);
+    g_temp_slots[i].state.store(2, std::memory_order_release);
+    return static_cast<int>(i);
+  }
+  return -1;
+}
+
+void release_temp(int slot) noexcept {
+  if (slot >= 0) g_temp_slots[slot].state.store(0, std::memory_order_release);
+}
+
+extern "C" void remove_temps_and_reraise(int sig) {
+  for (auto& slot : g_temp_slots)
+    if (slot.state.load(std::memory_order_acquire) == 2) ::unlink(slot.path);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
 }  // namespace
+
+void install_interrupt_cleanup() noexcept {
+  struct sigaction action {};
+  action.sa_handler = remove_temps_and_reraise;
+  sigemptyset(&action.sa_mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction old {};
+    // A signal the parent chose to ignore (nohup, a shell's background job) stays ignored.
+    if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    ::sigaction(sig, &action, nullptr);
+  }
+}
 
 AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(std::move(path)) {
   if (path_.filename().empty()) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a file path");
@@ -37,6 +87,7 @@ AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(s
   fd_ = ::mkostemp(templ.data(), O_CLOEXEC);
   if (fd_ < 0) fail_errno(errno, path_, "create a temporary file in " + folder_of(path_).string());
   temp_path_ = templ;
+  slot_ = register_temp(templ);
   try {
     // mkstemp creates 0600; outputs are ordinary model files.
     ::fchmod(fd_, 0644);
@@ -68,6 +119,7 @@ AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(s
     // The destructor does not run for a failed constructor: clean up here.
     ::close(fd_);
     ::unlink(temp_path_.c_str());
+    release_temp(slot_);
     throw;
   }
 }
@@ -76,6 +128,7 @@ AtomicFile::AtomicFile(AtomicFile&& other) noexcept
     : path_(std::move(other.path_)),
       temp_path_(std::exchange(other.temp_path_, {})),
       fd_(std::exchange(other.fd_, -1)),
+      slot_(std::exchange(other.slot_, -1)),
       committed_(std::exchange(other.committed_, true)),
       synced_(other.synced_),
       unsynced_(other.unsynced_.load()) {}
@@ -83,6 +136,7 @@ AtomicFile::AtomicFile(AtomicFile&& other) noexcept
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
   if (!committed_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
+  release_temp(slot_);
 }
 
 void AtomicFile::write_at(std::uint64_t offset, std::span<const std::byte> bytes) const {
@@ -120,6 +174,7 @@ void AtomicFile::commit() {
   if (::close(fd) != 0) fail_errno(errno, path_, "close");
   if (::rename(temp_path_.c_str(), path_.c_str()) != 0) fail_errno(errno, path_, "rename the temporary file onto");
   committed_ = true;
+  release_temp(std::exchange(slot_, -1));  // a signal now finds no temp file under that name: harmless
   // The rename is only durable once the folder's entry is on disk.
   const int dir = ::open(folder_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir >= 0) {

@@ -178,13 +178,14 @@ class Fault : public ::testing::Test {
 // Runs taskvec with `args` and SIGKILLs it as soon as a hidden temp file appears in `folder` (the
 // writer creates it, space reserved, right before streaming data into it). Returns false if the run
 // finished before that could happen (a loaded machine): the caller retries.
-bool kill_while_writing(const std::vector<std::string>& args, const fs::path& folder, const fs::path& logs) {
+bool kill_while_writing(const std::vector<std::string>& args, const fs::path& folder, const fs::path& logs,
+                        int signal = SIGKILL) {
   const pid_t pid = spawn(args, logs);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (std::chrono::steady_clock::now() < deadline) {
     if (fs::is_directory(folder) && !temp_files(folder).empty()) {
-      if (::kill(pid, SIGKILL) != 0) break;
-      return wait_status(pid) == 128 + SIGKILL;
+      if (::kill(pid, signal) != 0) break;
+      return wait_status(pid) == 128 + signal;
     }
     int raw = 0;
     if (::waitpid(pid, &raw, WNOHANG) == pid) return false;
@@ -236,6 +237,27 @@ TEST_F(Fault, KilledMidWriteLeavesNoFinalFolderFiles) {
   }
   ASSERT_TRUE(killed) << "taskvec always finished before its temp file was seen: " << read_text(logs / "stderr.txt");
   expect_only_temp_files(target);
+}
+
+// Ctrl-C, SIGTERM (a job scheduler's stop) or SIGHUP while the output is written: the process ends by that
+// signal, as it would have, and its handler has removed the hidden temp files: nothing at all is left.
+TEST_F(Fault, InterruptedMidWriteLeavesNothing) {
+  make_inputs(4, std::uint64_t{4} << 20);
+  const fs::path target = out / "model";
+  auto args = apply_args(target);
+  args.insert(args.end(), {"--threads", "1", "--max-shard-size", "40MB"});
+  for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+    bool stopped = false;
+    for (int attempt = 0; attempt < 5 && !stopped; ++attempt) {
+      fs::remove_all(target);
+      stopped = kill_while_writing(args, target, logs, signal);
+    }
+    ASSERT_TRUE(stopped) << "taskvec always finished before its temp file was seen (signal " << signal << ")";
+    EXPECT_TRUE(!fs::exists(target) || fs::is_empty(target)) << "signal " << signal << " left files in " << target;
+    if (fs::is_directory(target)) {
+      EXPECT_TRUE(temp_files(target).empty()) << "signal " << signal;
+    }
+  }
 }
 
 // A full disk, simulated by RLIMIT_FSIZE below the output size: exit 7 (disk_full), a message saying

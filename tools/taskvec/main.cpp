@@ -9,6 +9,7 @@
 
 #include "cli.hpp"
 #include "taskvec/error.hpp"
+#include "taskvec/safetensors.hpp"
 
 namespace {
 
@@ -27,6 +28,7 @@ void raise_open_file_limit() {
 int main(int argc, char** argv) {
   using namespace taskvec;
   raise_open_file_limit();
+  taskvec::install_interrupt_cleanup();  // Ctrl-C or a kill removes the hidden temp files of outputs not yet published
   CLI::App app{"taskvec: edit neural networks with task arithmetic (task vectors, negation, addition, analogies, merges)"};
   app.set_version_flag("--version", std::string("taskvec ") + taskvec::taskvec_version());
   app.require_subcommand(1);
