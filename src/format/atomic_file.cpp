@@ -10,6 +10,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <random>
 #include <utility>
 
 #include <fmt/format.h>
@@ -43,6 +45,10 @@ struct TempSlot {
 };
 TempSlot g_temp_slots[kTempSlots];
 static_assert(std::atomic<int>::is_always_lock_free);
+// The handler sets g_terminating, then waits (bounded) until no thread is between claiming a temp name
+// and registering it (g_creating), so no temp file appears after it has emptied the table.
+std::atomic<int> g_terminating{0};
+std::atomic<int> g_creating{0};
 
 int register_temp(const std::string& path) noexcept {
   if (path.size() >= kTempPathMax) return -1;
@@ -61,6 +67,13 @@ void release_temp(int slot) noexcept {
 }
 
 extern "C" void remove_temps_and_reraise(int sig) {
+  g_terminating.store(1);
+  // A thread interrupted in the middle of creating its temp file cannot finish while this runs on it:
+  // the wait is bounded (its file is registered before it exists, so nothing is missed either way).
+  for (int i = 0; i < 200 && g_creating.load() > 0; ++i) {
+    struct timespec pause {0, 1000000};
+    ::nanosleep(&pause, nullptr);
+  }
   for (auto& slot : g_temp_slots)
     if (slot.state.load(std::memory_order_acquire) == 2) ::unlink(slot.path);
   ::signal(sig, SIG_DFL);
@@ -83,11 +96,32 @@ void install_interrupt_cleanup() noexcept {
 
 AtomicFile::AtomicFile(std::filesystem::path path, std::uint64_t size) : path_(std::move(path)) {
   if (path_.filename().empty()) throw Error(ErrorCode::kInvalidArgument, path_.string() + ": not a file path");
-  std::string templ = (folder_of(path_) / fmt::format(".{}.tmp-XXXXXX", path_.filename().string())).string();
-  fd_ = ::mkostemp(templ.data(), O_CLOEXEC);
-  if (fd_ < 0) fail_errno(errno, path_, "create a temporary file in " + folder_of(path_).string());
-  temp_path_ = templ;
-  slot_ = register_temp(templ);
+  const std::string prefix = (folder_of(path_) / fmt::format(".{}.tmp-", path_.filename().string())).string();
+  {
+    // The name is registered for the signal handler before the file exists (O_EXCL, as mkstemp).
+    g_creating.fetch_add(1);
+    struct Done {
+      ~Done() { g_creating.fetch_sub(1); }
+    } done;
+    if (g_terminating.load()) throw Error(ErrorCode::kIo, path_.string() + ": not created: the process is being stopped");
+    thread_local std::mt19937_64 gen(std::random_device{}() ^ (static_cast<std::uint64_t>(::getpid()) << 32));
+    static constexpr char kChars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    int err = EEXIST;
+    for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
+      std::string candidate = prefix;
+      for (int i = 0; i < 6; ++i) candidate += kChars[gen() % (sizeof(kChars) - 1)];
+      slot_ = register_temp(candidate);
+      fd_ = ::open(candidate.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+      if (fd_ >= 0) {
+        temp_path_ = candidate;
+        break;
+      }
+      err = errno;
+      release_temp(std::exchange(slot_, -1));
+      if (err != EEXIST) break;
+    }
+    if (fd_ < 0) fail_errno(err, path_, "create a temporary file in " + folder_of(path_).string());
+  }
   try {
     // mkstemp creates 0600; outputs are ordinary model files.
     ::fchmod(fd_, 0644);

@@ -187,8 +187,15 @@ Json check_phenomena(const Json& m, bool quick) {
         num(m, "analogy", "gain_lambda1"), 0.02);
   }
   if (m.contains("cosine")) {
-    add("related task vectors more similar than unrelated", num(m, "cosine", "related_mean") > num(m, "cosine", "unrelated_mean"),
-        num(m, "cosine", "related_mean"), num(m, "cosine", "unrelated_mean"));
+    // The paper's Fig. 5: task vectors are close to orthogonal, and related tasks a little less so.
+    const double off = num(m, "cosine", "offdiagonal_mean");
+    add("task vectors nearly orthogonal (|mean off-diagonal cosine| < 0.1)", std::fabs(off) < 0.1, std::fabs(off), 0.1);
+    // --quick has 4 tasks and so one related pair (mnist, mnist_inv) against five unrelated ones: one
+    // cosine of about 0.01 against a mean of five is noise, not the paper's claim. The full run has 7
+    // related pairs.
+    if (!quick)
+      add("related task vectors more similar than unrelated", num(m, "cosine", "related_mean") > num(m, "cosine", "unrelated_mean"),
+          num(m, "cosine", "related_mean"), num(m, "cosine", "unrelated_mean"));
   }
   return checks;
 }
