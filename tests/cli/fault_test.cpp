@@ -109,10 +109,7 @@ int wait_status(pid_t pid) {
   return WIFEXITED(raw) ? WEXITSTATUS(raw) : WIFSIGNALED(raw) ? 128 + WTERMSIG(raw) : -1;
 }
 
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using test::read_text;
 
 // A raw F32 safetensors file of `tensors` tensors of `elements` floats each, every value `value`,
 // written directly (fast for big files) with `metadata` (already JSON text, or empty).

@@ -24,10 +24,7 @@ using test::run;
 using test::TempDir;
 using test::write_model;
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using test::read_text;
 
 class MergekitCli : public ::testing::Test {
  protected:

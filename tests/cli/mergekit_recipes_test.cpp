@@ -35,10 +35,7 @@ using test::TensorValues;
 
 constexpr int kLayers = 4, kHidden = 8, kVocab = 16, kInter = 12;
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using test::read_text;
 
 // A Llama-shaped checkpoint: bf16 values on a grid bf16 holds exactly, different per seed.
 std::vector<TensorValues> llama_tensors(unsigned seed) {

@@ -41,4 +41,7 @@ DType read_dtype(const std::filesystem::path& path, const std::string& name);
 /// Every byte of a file.
 std::vector<std::uint8_t> file_bytes(const std::filesystem::path& path);
 
+/// A file's text; empty when it cannot be read (e.g. a stderr log that was never written).
+std::string read_text(const std::filesystem::path& path);
+
 }  // namespace taskvec::test
