@@ -448,6 +448,13 @@ bool same_path(const std::filesystem::path& a, const std::filesystem::path& b) {
   return norm(a) == norm(b);
 }
 
+// Whether two model references (PATH or PATH+ADAPTER) name the same model.
+bool same_model(const std::filesystem::path& path_a, const std::optional<std::filesystem::path>& adapter_a,
+                const std::filesystem::path& path_b, const std::optional<std::filesystem::path>& adapter_b) {
+  if (!same_path(path_a, path_b) || adapter_a.has_value() != adapter_b.has_value()) return false;
+  return !adapter_a || same_path(*adapter_a, *adapter_b);
+}
+
 bool all_scalar(const std::map<std::string, RecipeValue>& params) {
   for (const auto& [k, v] : params)
     if (v.kind != RecipeValue::Kind::kScalar) return false;
@@ -664,8 +671,7 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
   const std::string mname(r.method->name);
   const auto model_index = [&](const std::filesystem::path& path, const std::optional<std::filesystem::path>& adapter) {
     for (std::size_t i = 0; i < r.models.size(); ++i)
-      if (same_path(r.models[i].path, path) && r.models[i].adapter.has_value() == adapter.has_value() &&
-          (!adapter || same_path(*r.models[i].adapter, *adapter)))
+      if (same_model(r.models[i].path, r.models[i].adapter, path, adapter))
         return i;
     RecipeModel m;
     m.path = path;
@@ -724,8 +730,7 @@ void parse_slices(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
                  fmt::format("[{}, {}] holds no layer (the end is excluded: [{}, {}] is one layer)", source.begin,
                              source.end, source.begin, source.begin + 1));
       if (const auto p = src["parameters"]; p && !p.IsNull()) source.params = parse_params(ctx, p, at + ".parameters", *r.method, true);
-      if (base && same_path(path, base->first) && adapter.has_value() == base->second.has_value() &&
-          (!adapter || same_path(*adapter, *base->second))) {
+      if (base && same_model(path, adapter, base->first, base->second)) {
         if (slice.base) ctx.fail(src, at, "the slice's base model is listed twice");
         slice.base = source.model;
       }
@@ -916,11 +921,8 @@ Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, c
   // mergekit uses a models entry that is the base_model only as the base (generalized task arithmetic
   // skips it, model_stock and slerp take it as w_0 / the t = 0 end); linear averages it like any model.
   if (r.base_model && mname != "linear" && mname != "karcher") {
-    const auto same = same_path;
     const auto is_base = [&](const RecipeModel& m) {
-      if (!same(m.path, *r.base_model)) return false;
-      if (m.adapter.has_value() != r.base_model_adapter.has_value()) return false;
-      return !m.adapter || same(*m.adapter, *r.base_model_adapter);
+      return same_model(m.path, m.adapter, *r.base_model, r.base_model_adapter);
     };
     std::vector<RecipeModel> kept;
     for (std::size_t i = 0; i < r.models.size(); ++i) {
