@@ -116,6 +116,11 @@ class Checkpoint {
   /// model.embed_tokens.weight when the config ties them). Copies of this Checkpoint keep the alias.
   /// Throws Error{kTensorMissing} if `target` is absent, Error{kInvalidArgument} if `alias` exists.
   void add_alias(const std::string& alias, const std::string& target);
+  /// Replaces tensor `name` by `info` (its name set to `name`; dtype, shape and data_begin / data_end as
+  /// `source` serves it) read from `source`, a computed tensor (e.g. embedding rows taken by token in a
+  /// tokenizer merge). The old entry's bytes stay readable through sources that refer to it. Copies of
+  /// this Checkpoint made afterwards keep the replacement. Throws Error{kTensorMissing} if `name` is absent.
+  void replace_tensor(const std::string& name, TensorInfo info, std::shared_ptr<const TensorSource> source);
   /// True for a PEFT LoRA adapter folder. Its tensors are named as the base model's: F32 deltas
   /// dW = s * B @ A (computed on demand, per chunk) for the LoRA modules, and the saved tensors of
   /// modules_to_save. Use it through adapter_over().

@@ -330,6 +330,41 @@ struct RecipeSlice {
   int layers() const noexcept { return sources.empty() ? 0 : sources.front().end - sources.front().begin; }
 };
 
+/// A model a recipe names outside `models:` (a tokenizer source): PATH or PATH+ADAPTER, as written.
+struct RecipeModelRef {
+  std::filesystem::path path;
+  std::optional<std::filesystem::path> adapter;
+};
+
+/// Where one token's embedding row comes from (mergekit's `tokenizer.tokens.TOKEN`). The row is used for
+/// every model that lacks the token, and with `force` for every model.
+struct RecipeTokenEmbedding {
+  enum class Kind {
+    kDefault,     ///< no `source`: mergekit's rule (the base's row, else the one model that has it, else the mean)
+    kModel,       ///< `source: MODEL`: that model's row of this token (it must have the token)
+    kZero,        ///< `source: {kind: zero}`: a row of zeros
+    kModelToken,  ///< `source: {kind: model_token, model, token | token_id}`: a row of another token of MODEL
+  };
+  Kind kind = Kind::kDefault;
+  RecipeModelRef model;                  ///< kModel, kModelToken
+  std::optional<std::string> token;      ///< kModelToken: by token text in MODEL's own vocabulary
+  std::optional<std::int64_t> token_id;  ///< kModelToken: by row index in MODEL's embedding
+  bool force = false;
+};
+
+/// mergekit's tokenizer merge (`tokenizer_source: X` or `tokenizer: {source: X, tokens, pad_to_multiple_of}`):
+/// the output vocabulary is X's (`base`: the base_model's, or the first model's, without the tokens whose
+/// id is >= its config's vocab_size; `union`: that one plus every other token of every input, appended;
+/// a model: that model's tokenizer), plus the `tokens` it lacks. Each input's embedding and lm_head rows
+/// are then taken by token, and the method merges those (docs/MERGEKIT.md, "Tokenizers").
+struct RecipeTokenizer {
+  enum class Source { kBase, kUnion, kModel };
+  Source source = Source::kUnion;  ///< mergekit's default for `tokenizer:` without `source`
+  RecipeModelRef model;            ///< kModel
+  std::vector<std::pair<std::string, RecipeTokenEmbedding>> tokens;  ///< in file order
+  std::uint64_t pad_to_multiple_of = 0;  ///< 0 = none; else rows rounded up, the new rows the mean row
+};
+
 /// The parameter values a recipe gives one tensor, by name (what `taskvec merge --explain` prints).
 struct ResolvedValues {
   std::vector<std::pair<std::string, double>> global;               ///< the method's global parameters
@@ -353,6 +388,11 @@ struct Recipe {
   /// mergekit's `slices:` form. Then `models` lists each distinct source model once (no parameters) and
   /// the base_model, when it is a source, too.
   std::vector<RecipeSlice> slices;
+  /// `tokenizer_source:` / `tokenizer:` (mergekit's tokenizer merge); nullopt = the vocabularies must agree.
+  std::optional<RecipeTokenizer> tokenizer;
+  /// `chat_template:` as written: "auto" (the inputs' most common template), a built-in name (alpaca,
+  /// chatml, exaone, llama3, mistral) or a Jinja template text; nullopt keeps the copied one.
+  std::optional<std::string> chat_template;
   /// What the recipe does that a user should know: parameters without effect, where mergekit would fail
   /// or differ. Printed as warnings by `taskvec merge`.
   std::vector<std::string> warnings;

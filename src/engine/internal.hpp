@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "taskvec/checkpoint.hpp"
+#include "taskvec/merge.hpp"
 
 namespace taskvec::detail {
 
@@ -107,10 +108,11 @@ bool is_tokenizer_file(const std::filesystem::path& path);
 
 /// `config_text` (a config.json) with "torch_dtype" (and "dtype", which newer transformers write, where
 /// present) set to `torch_dtype` (e.g. "bfloat16"), and "num_hidden_layers" (top level, and in a text
-/// sub-config that has one) set to `num_hidden_layers`; nullopt when nothing changes or the text is not a
-/// JSON object (it is then copied as it is).
+/// sub-config that has one) set to `num_hidden_layers`, "vocab_size" (the same places) to `vocab_size`;
+/// nullopt when nothing changes or the text is not a JSON object (it is then copied as it is).
 std::optional<std::string> config_with_updates(const std::string& config_text, const std::optional<std::string>& torch_dtype,
-                                               std::optional<std::uint64_t> num_hidden_layers);
+                                               std::optional<std::uint64_t> num_hidden_layers,
+                                               std::optional<std::uint64_t> vocab_size = std::nullopt);
 
 /// The file of `files` named `name` read whole (at most 256 MiB); nullopt when none is.
 std::optional<std::string> read_auxiliary(const std::vector<std::filesystem::path>& files, const std::string& name);
@@ -229,5 +231,40 @@ std::optional<std::string> integer_tensor_change(const std::string& name, const 
 /// is appended, e.g. the flags that keep or drop such tensors on the command at hand.
 [[noreturn]] void throw_extra_tensor(const std::string& name, const Checkpoint& input, const Checkpoint& ref,
                                      const std::string& hint);
+
+// ---- Tokenizer merge (vocab_merge.cpp) ----
+
+/// What a tokenizer merge gives the output folder: its embedding rows (config.json vocab_size), the
+/// tokenizer files to copy (from the tokenizer source's folder) and the ones rewritten (file name ->
+/// content: tokenizer.json, tokenizer_config.json, added_tokens.json with the new tokens and without the
+/// stripped ones), and warnings.
+struct VocabMerge {
+  std::uint64_t rows = 0;
+  std::vector<std::filesystem::path> copies;
+  std::map<std::string, std::string> generated;
+  std::vector<std::string> warnings;
+};
+
+/// mergekit's tokenizer merge for `recipe.tokenizer` (which must be set) over `inputs` (the base first
+/// when `base_index` is set, then the models; `refs` and `labels` parallel to them): builds the output
+/// vocabulary and replaces every input's embedding and lm_head (kEmbeddingNames, kHeadName; 2-D) by a view
+/// with one row per output token (Checkpoint::replace_tensor), so that row r means the same token in every
+/// input. Reads only the default rows (and, with pad_to_multiple_of, every row once for the mean).
+/// Throws Error{kRecipe} for a `tokens:` source that is not a recipe model or lacks its token, a source
+/// without tokenizer.json; Error{kShapeMismatch} for a token id past its input's embedding rows or rows
+/// of different widths; Error{kDtypeMismatch} for a non-float embedding; Error{kIo} for an unparsable file.
+VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint*>& inputs,
+                              const std::vector<RecipeModelRef>& refs, const std::vector<std::string>& labels,
+                              std::optional<std::size_t> base_index);
+
+/// The chat template text `recipe.chat_template` names: "auto" = the most common template of `inputs`
+/// (tokenizer_config.json chat_template, its "default" entry when a list, or chat_template.jinja; ties:
+/// the first input's; nullopt when none has one), a built-in name (alpaca, chatml, exaone, llama3,
+/// mistral: taskvec's own texts of those formats), else the text itself.
+std::optional<std::string> chat_template_text(const std::string& chat_template, const std::vector<const Checkpoint*>& inputs);
+
+/// Whether `ref` names the same model as PATH (+ADAPTER) (symlinks resolved where the paths exist).
+bool same_recipe_model(const RecipeModelRef& ref, const std::filesystem::path& path,
+                       const std::optional<std::filesystem::path>& adapter);
 
 }  // namespace taskvec::detail

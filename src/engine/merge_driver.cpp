@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 #include <fmt/ranges.h>
 
 #include "engine/internal.hpp"
@@ -261,9 +262,48 @@ int plan_slices(const Recipe& recipe, const std::vector<Checkpoint>& models, con
   return out_layer;
 }
 
+// `chat_template:` written into the output's tokenizer_config.json (and chat_template.jinja, which newer
+// transformers read first, when the output has one), as mergekit's _set_chat_template.
+void set_chat_template(const Recipe& recipe, const std::vector<const Checkpoint*>& inputs, detail::OutputAuxiliary& aux) {
+  if (!recipe.chat_template) return;
+  const std::optional<std::string> text = detail::chat_template_text(*recipe.chat_template, inputs);
+  if (!text) {
+    aux.warnings.push_back("chat_template: auto: no input has a chat template, so none is set (as mergekit)");
+    return;
+  }
+  std::optional<std::string> config;
+  if (auto it = aux.generated.find("tokenizer_config.json"); it != aux.generated.end()) config = it->second;
+  else config = detail::read_auxiliary(aux.copies, "tokenizer_config.json");
+  if (!config) {
+    aux.warnings.push_back("chat_template is given but the output has no tokenizer_config.json (no tokenizer is copied), "
+                           "so it is not saved (as mergekit)");
+    return;
+  }
+  nlohmann::ordered_json j;
+  try {
+    j = nlohmann::ordered_json::parse(*config);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorCode::kIo, fmt::format("tokenizer_config.json of the output: cannot parse it to set chat_template: {}", e.what()));
+  }
+  if (!j.is_object()) throw Error(ErrorCode::kIo, "tokenizer_config.json of the output is not a JSON object: cannot set chat_template");
+  j["chat_template"] = *text;
+  aux.generated["tokenizer_config.json"] = j.dump(2) + "\n";
+  for (const auto& f : aux.copies)
+    if (f.filename() == "chat_template.jinja") aux.generated["chat_template.jinja"] = *text;
+}
+
 void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, const EditOptions& options,
-                     int out_layers, detail::OutputAuxiliary& aux) {
-  if (!options.copy_tokenizer) std::erase_if(aux.copies, detail::is_tokenizer_file);
+                     int out_layers, const std::optional<detail::VocabMerge>& vocab_merge,
+                     const std::vector<const Checkpoint*>& inputs, detail::OutputAuxiliary& aux) {
+  if (vocab_merge) {
+    // The tokenizer of the merged vocabulary replaces the base's (mergekit saves it whatever --copy-tokenizer says).
+    std::erase_if(aux.copies, detail::is_tokenizer_file);
+    aux.copies.insert(aux.copies.end(), vocab_merge->copies.begin(), vocab_merge->copies.end());
+    for (const auto& [name, text] : vocab_merge->generated) aux.generated[name] = text;
+  } else if (!options.copy_tokenizer) {
+    std::erase_if(aux.copies, detail::is_tokenizer_file);
+  }
+  set_chat_template(recipe, inputs, aux);
   // The recipe beside the weights, under the name tools built around mergekit look for.
   aux.generated["mergekit_config.yml"] = recipe.source_text;
   if (options.write_model_card) aux.generated["README.md"] = model_card(recipe);
@@ -276,7 +316,7 @@ void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, co
     out = j.out;
   }
   const char* name = out && uniform ? torch_dtype_name(*out) : nullptr;
-  if (name == nullptr && out_layers == 0) return;
+  if (name == nullptr && out_layers == 0 && !vocab_merge) return;
   std::optional<std::string> text;
   if (auto it = aux.generated.find("config.json"); it != aux.generated.end()) {
     text = it->second;
@@ -289,7 +329,8 @@ void add_merge_files(const Recipe& recipe, const std::vector<MergeJob>& jobs, co
   }
   if (!text) return;
   if (auto updated = detail::config_with_updates(*text, name ? std::optional<std::string>(name) : std::nullopt,
-                                                 out_layers > 0 ? std::optional<std::uint64_t>(out_layers) : std::nullopt))
+                                                 out_layers > 0 ? std::optional<std::uint64_t>(out_layers) : std::nullopt,
+                                                 vocab_merge ? std::optional<std::uint64_t>(vocab_merge->rows) : std::nullopt))
     aux.generated["config.json"] = std::move(*updated);
 }
 
@@ -366,7 +407,8 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     // The architecture guard (mergekit refuses mixed architectures unless --allow-crimes): before any
     // tensor is read, the inputs' config.json must agree on model_type, architectures, sizes and vocabulary.
     std::vector<detail::ConfigDifference> differences;
-    detail::check_input_configs(all, options.merge_extra_rows, tie_warnings, &differences);
+    // A tokenizer merge is what reconciles different vocabularies.
+    detail::check_input_configs(all, options.merge_extra_rows || recipe.tokenizer.has_value(), tie_warnings, &differences);
     // Slices take layer ranges: sources of different depths are what frankenmerges stack (mergekit too).
     if (!recipe.slices.empty())
       std::erase_if(differences, [](const detail::ConfigDifference& d) { return d.key.ends_with("num_hidden_layers"); });
@@ -396,6 +438,27 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     for (auto& m : models) m = std::move(reconciled.inputs[k++]);
     untied_ref = reconciled.untied_base;
     tie_warnings.insert(tie_warnings.end(), reconciled.warnings.begin(), reconciled.warnings.end());
+  }
+  // mergekit's tokenizer merge: every input's embedding rows are taken by output token (vocab_merge.cpp).
+  std::optional<detail::VocabMerge> vocab_merge;
+  if (recipe.tokenizer) {
+    std::vector<Checkpoint*> inputs;
+    std::vector<RecipeModelRef> refs;
+    std::vector<std::string> labels;
+    std::optional<std::size_t> base_index;
+    if (base) {
+      base_index = 0;
+      inputs.push_back(&*base);
+      refs.push_back({*recipe.base_model, recipe.base_model_adapter});
+      labels.push_back(fmt::format("base_model {}", recipe.base_model->string()));
+    }
+    for (std::size_t i = 0; i < models.size(); ++i) {
+      inputs.push_back(&models[i]);
+      refs.push_back({recipe.models[i].path, recipe.models[i].adapter});
+      labels.push_back(fmt::format("models[{}] {}", i, recipe.models[i].path.string()));
+    }
+    vocab_merge = detail::merge_vocabularies(recipe, inputs, refs, labels, base_index);
+    tie_warnings.insert(tie_warnings.end(), vocab_merge->warnings.begin(), vocab_merge->warnings.end());
   }
   const Checkpoint& ref = base ? *base : models.front();
   const bool slerp_from_base = method.name == "slerp" && base && models.size() == 1;
@@ -885,7 +948,10 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
   if (report.plan.is_folder) {
     detail::OutputAuxiliary aux;
     if (ref.folder()) aux = detail::output_auxiliary_files(ref, untied_ref);
-    add_merge_files(recipe, jobs, options, out_layers, aux);
+    std::vector<const Checkpoint*> all;
+    if (base) all.push_back(&*base);
+    for (const auto& m : models) all.push_back(&m);
+    add_merge_files(recipe, jobs, options, out_layers, vocab_merge, all, aux);
     report.warnings.insert(report.warnings.end(), aux.warnings.begin(), aux.warnings.end());
     writer.commit(aux.copies, aux.generated);
     report.auxiliary_files = aux.file_names();

@@ -29,6 +29,10 @@ std::set<std::string> references(const Recipe& r, const std::set<std::string>& n
   };
   if (r.base_model) check(*r.base_model);
   for (const auto& m : r.models) check(m.path);
+  if (r.tokenizer) {
+    if (r.tokenizer->source == RecipeTokenizer::Source::kModel) check(r.tokenizer->model.path);
+    for (const auto& [token, e] : r.tokenizer->tokens) check(e.model.path);
+  }
   return out;
 }
 
@@ -148,6 +152,11 @@ EditReport merge_stages(const std::vector<Recipe>& stages, const fs::path& outpu
     };
     if (stage.base_model) resolve(*stage.base_model);
     for (auto& m : stage.models) resolve(m.path);
+    if (stage.tokenizer) {
+      if (stage.tokenizer->source == RecipeTokenizer::Source::kModel) resolve(stage.tokenizer->model.path);
+      for (auto& [token, e] : stage.tokenizer->tokens)
+        if (!e.model.path.empty()) resolve(e.model.path);
+    }
     const std::string label = stage.name ? *stage.name : "(final)";
     const bool is_final = i == *final_stage;
     const fs::path out = is_final ? output : folder / *stage.name;

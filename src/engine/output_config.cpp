@@ -235,7 +235,8 @@ std::string rewrite_config(const fs::path& config, bool untie, std::optional<std
 }
 
 std::optional<std::string> config_with_updates(const std::string& config_text, const std::optional<std::string>& torch_dtype,
-                                               std::optional<std::uint64_t> num_hidden_layers) {
+                                               std::optional<std::uint64_t> num_hidden_layers,
+                                               std::optional<std::uint64_t> vocab_size) {
   Json j;
   try {
     j = Json::parse(config_text);
@@ -258,6 +259,13 @@ std::optional<std::string> config_with_updates(const std::string& config_text, c
     for (const char* key : kTextConfigKeys) {
       auto it = j.find(key);
       if (it != j.end() && it->is_object() && it->contains("num_hidden_layers")) set(*it, "num_hidden_layers", *num_hidden_layers);
+    }
+  }
+  if (vocab_size) {
+    set(j, "vocab_size", *vocab_size);
+    for (const char* key : kTextConfigKeys) {
+      auto it = j.find(key);
+      if (it != j.end() && it->is_object() && it->contains("vocab_size")) set(*it, "vocab_size", *vocab_size);
     }
   }
   if (!changed) return std::nullopt;

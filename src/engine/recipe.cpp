@@ -1,6 +1,7 @@
 // YAML merge recipes (in the spirit of mergekit's): parsing, validation against the method registry,
 // and per-tensor resolution of scalar / layer-interpolated / filtered parameters. docs/METHODS.md.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/internal.hpp"
 #include "merge_internal.hpp"
 #include "taskvec/error.hpp"
 #include "taskvec/safetensors.hpp"  // escape_control
@@ -455,6 +457,149 @@ bool same_model(const std::filesystem::path& path_a, const std::optional<std::fi
   return !adapter_a || same_path(*adapter_a, *adapter_b);
 }
 
+// The keys of mapping `node` must be among `known` (a misspelled one is an error, with a suggestion).
+void check_keys(const Ctx& ctx, const YAML::Node& node, const std::string& where, const std::vector<std::string>& known) {
+  for (const auto& kv : node) {
+    const std::string k = kv.first.Scalar();
+    if (std::find(known.begin(), known.end(), k) == known.end())
+      ctx.fail(kv.first, where + "." + k, "unknown key" + did_you_mean(k, known) + " (accepted: " + fmt::format("{}", fmt::join(known, ", ")) + ")");
+  }
+}
+
+RecipeModelRef parse_ref(const Ctx& ctx, const YAML::Node& node, const std::string& key) {
+  RecipeModelRef ref;
+  std::tie(ref.path, ref.adapter) = parse_model_ref(ctx, node, key);
+  return ref;
+}
+
+// mergekit's built-in chat templates, by the names its `chat_template:` accepts (texts in vocab_merge.cpp).
+const std::vector<std::string> kChatTemplateNames = {"alpaca", "chatml", "exaone", "llama3", "mistral"};
+
+// `tokenizer_source:` (mergekit's legacy form), `tokenizer:` and `chat_template:`.
+void parse_tokenizer(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
+  const YAML::Node legacy = root["tokenizer_source"], modern = root["tokenizer"];
+  if (legacy && modern && !legacy.IsNull() && !modern.IsNull())
+    ctx.fail(modern, "tokenizer", "give either tokenizer_source or tokenizer, not both (mergekit refuses both too)");
+  const auto source = [&](const YAML::Node& n, const std::string& key, RecipeTokenizer& t) {
+    if (!n.IsScalar() || n.Scalar().empty()) ctx.fail(n, key, "expected union, base or a model path");
+    if (n.Scalar() == "union") {
+      t.source = RecipeTokenizer::Source::kUnion;
+    } else if (n.Scalar() == "base") {
+      t.source = RecipeTokenizer::Source::kBase;
+    } else {
+      t.source = RecipeTokenizer::Source::kModel;
+      t.model = parse_ref(ctx, n, key);
+    }
+  };
+  if (legacy && !legacy.IsNull()) {
+    RecipeTokenizer t;
+    source(legacy, "tokenizer_source", t);
+    r.tokenizer = std::move(t);
+  }
+  if (modern && !modern.IsNull()) {
+    if (!modern.IsMap()) ctx.fail(modern, "tokenizer", "expected {source: union | base | MODEL, tokens: {...}, pad_to_multiple_of: N}");
+    check_keys(ctx, modern, "tokenizer", {"source", "tokens", "pad_to_multiple_of"});
+    RecipeTokenizer t;
+    if (const auto s = modern["source"]; s && !s.IsNull()) source(s, "tokenizer.source", t);
+    if (const auto p = modern["pad_to_multiple_of"]; p && !p.IsNull()) {
+      long long v = 0;
+      try {
+        v = p.as<long long>();
+      } catch (const YAML::Exception&) {
+        ctx.fail(p, "tokenizer.pad_to_multiple_of", "expected a positive integer, e.g. 64");
+      }
+      if (v < 1 || v > (1LL << 20)) ctx.fail(p, "tokenizer.pad_to_multiple_of", "expected an integer in [1, 1048576], e.g. 64");
+      t.pad_to_multiple_of = static_cast<std::uint64_t>(v);
+    }
+    if (const auto toks = modern["tokens"]; toks && !toks.IsNull()) {
+      if (!toks.IsMap()) ctx.fail(toks, "tokenizer.tokens", "expected a mapping TOKEN: {source: ..., force: BOOL}");
+      for (const auto& kv : toks) {
+        if (!kv.first.IsScalar() || kv.first.Scalar().empty()) ctx.fail(kv.first, "tokenizer.tokens", "expected a token text as key");
+        const std::string token = kv.first.Scalar();
+        const std::string at = "tokenizer.tokens." + escape_control(token);
+        RecipeTokenEmbedding e;
+        const YAML::Node cfg = kv.second;
+        if (!cfg.IsNull()) {
+          if (!cfg.IsMap()) ctx.fail(cfg, at, "expected {source: MODEL | {kind: zero} | {kind: model_token, ...}, force: BOOL}");
+          check_keys(ctx, cfg, at, {"source", "force"});
+          if (const auto f = cfg["force"]; f && !f.IsNull()) {
+            try {
+              e.force = f.as<bool>();
+            } catch (const YAML::Exception&) {
+              ctx.fail(f, at + ".force", "expected true or false");
+            }
+          }
+          if (const auto s = cfg["source"]; s && !s.IsNull()) {
+            if (s.IsScalar()) {
+              e.kind = RecipeTokenEmbedding::Kind::kModel;
+              e.model = parse_ref(ctx, s, at + ".source");
+            } else if (s.IsMap()) {
+              const YAML::Node kind = s["kind"];
+              if (!kind || !kind.IsScalar()) ctx.fail(s, at + ".source.kind", "missing: zero or model_token");
+              if (kind.Scalar() == "zero") {
+                check_keys(ctx, s, at + ".source", {"kind"});
+                e.kind = RecipeTokenEmbedding::Kind::kZero;
+              } else if (kind.Scalar() == "model_token") {
+                check_keys(ctx, s, at + ".source", {"kind", "model", "token", "token_id"});
+                e.kind = RecipeTokenEmbedding::Kind::kModelToken;
+                if (!s["model"]) ctx.fail(s, at + ".source.model", "missing: the model whose token row is taken");
+                e.model = parse_ref(ctx, s["model"], at + ".source.model");
+                const YAML::Node tok = s["token"], id = s["token_id"];
+                if (tok && id) ctx.fail(s, at + ".source", "give token or token_id, not both (as mergekit)");
+                if (!tok && !id) ctx.fail(s, at + ".source", "give token (a token text) or token_id (a row index)");
+                if (tok) {
+                  if (!tok.IsScalar() || tok.Scalar().empty()) ctx.fail(tok, at + ".source.token", "expected a token text");
+                  e.token = tok.Scalar();
+                } else {
+                  try {
+                    e.token_id = id.as<long long>();
+                  } catch (const YAML::Exception&) {
+                    ctx.fail(id, at + ".source.token_id", "expected a row index (an integer >= 0)");
+                  }
+                  if (*e.token_id < 0) ctx.fail(id, at + ".source.token_id", "expected a row index (an integer >= 0)");
+                }
+              } else {
+                ctx.fail(kind, at + ".source.kind", "unknown kind '" + escape_control(kind.Scalar()) + "'" +
+                                                        did_you_mean(kind.Scalar(), {"zero", "model_token"}) +
+                                                        " (zero or model_token)");
+              }
+            } else {
+              ctx.fail(s, at + ".source", "expected a model path or {kind: zero} or {kind: model_token, model, token}");
+            }
+          }
+        }
+        if (e.kind == RecipeTokenEmbedding::Kind::kDefault) {
+          if (e.force) ctx.fail(cfg, at + ".force", "force needs a source: the row every model gets");
+          ctx.warn(cfg.IsNull() ? kv.first : cfg, at,
+                   "has no source: the token is added if the vocabulary lacks it, and models without it get mergekit's "
+                   "default row (the base's, else the one model that has it, else the mean); mergekit stops with an "
+                   "error on a token without a source");
+        }
+        for (const auto& [other, unused] : t.tokens)
+          if (other == token) ctx.fail(kv.first, at, "listed twice");
+        t.tokens.emplace_back(token, std::move(e));
+      }
+    }
+    r.tokenizer = std::move(t);
+  }
+  if (const auto c = root["chat_template"]; c && !c.IsNull()) {
+    if (!c.IsScalar() || c.Scalar().empty())
+      ctx.fail(c, "chat_template", "expected auto, a built-in name (alpaca, chatml, exaone, llama3, mistral) or a Jinja template");
+    const std::string& text = c.Scalar();
+    const bool named = text == "auto" || std::find(kChatTemplateNames.begin(), kChatTemplateNames.end(), text) !=
+                                             kChatTemplateNames.end();
+    if (!named && (text.size() < 20 || text.find('{') == std::string::npos)) {
+      std::vector<std::string> names = kChatTemplateNames;
+      names.push_back("auto");
+      ctx.fail(c, "chat_template",
+               "'" + escape_control(text) + "' is neither a built-in template name" + did_you_mean(text, names) +
+                   " (auto, alpaca, chatml, exaone, llama3, mistral) nor a Jinja template (mergekit's rule: at least 20 "
+                   "characters and a '{')");
+    }
+    r.chat_template = text;
+  }
+}
+
 bool all_scalar(const std::map<std::string, RecipeValue>& params) {
   for (const auto& [k, v] : params)
     if (v.kind != RecipeValue::Kind::kScalar) return false;
@@ -830,17 +975,19 @@ Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, c
 
   r.file = file;
   r.source_text = yaml_text;
-  static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models", "slices", "parameters",
-                                                 "dtype", "out_dtype", "seed", "name"};
+  static const std::vector<std::string> kKeys = {"merge_method", "base_model", "models",    "slices",
+                                                 "parameters",   "dtype",      "out_dtype", "seed",
+                                                 "name",         "tokenizer_source", "tokenizer", "chat_template"};
   // mergekit's top-level keys taskvec does not read yet (docs/MERGEKIT.md).
-  static const std::set<std::string> kMergekitKeys = {"modules", "tokenizer_source", "tokenizer", "chat_template"};
+  static const std::set<std::string> kMergekitKeys = {"modules"};
   for (const auto& kv : root) {
     const std::string k = kv.first.as<std::string>();
     if (std::find(kKeys.begin(), kKeys.end(), k) != kKeys.end()) continue;
     if (kMergekitKeys.count(k))
       ctx.fail(kv.first, k, "is a mergekit key taskvec does not support yet (docs/MERGEKIT.md)");
     ctx.fail(kv.first, k, "unknown key" + did_you_mean(k, kKeys) +
-                              " (accepted: merge_method, base_model, models, slices, parameters, dtype, out_dtype, seed, name)");
+                              " (accepted: merge_method, base_model, models, slices, parameters, dtype, out_dtype, seed, name, "
+                              "tokenizer_source, tokenizer, chat_template)");
   }
   if (const auto n = root["name"]) {
     if (!n.IsScalar() || n.Scalar().empty() || n.Scalar().find_first_of("/\\") != std::string::npos || n.Scalar() == "." ||
@@ -882,6 +1029,8 @@ Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, c
     if (r.params.count("normalize") && r.params.count("disjoint"))
       ctx.fail(p, "parameters.normalize", "give either disjoint (mean | sum) or its mergekit alias normalize, not both");
   }
+
+  parse_tokenizer(ctx, root, r);
 
   if (root["slices"]) {
     if (root["models"]) ctx.fail(root["slices"], "slices", "give either models or slices, not both (as mergekit)");
@@ -1008,5 +1157,14 @@ Recipe load_recipe(const std::filesystem::path& file) {
   s << in.rdbuf();
   return parse_recipe(s.str(), file);
 }
+
+namespace detail {
+
+bool same_recipe_model(const RecipeModelRef& ref, const std::filesystem::path& path,
+                       const std::optional<std::filesystem::path>& adapter) {
+  return same_model(ref.path, ref.adapter, path, adapter);
+}
+
+}  // namespace detail
 
 }  // namespace taskvec

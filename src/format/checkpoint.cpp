@@ -423,6 +423,16 @@ void Checkpoint::add_alias(const std::string& alias, const std::string& target) 
   names_.insert(std::lower_bound(names_.begin(), names_.end(), alias), alias);
 }
 
+void Checkpoint::replace_tensor(const std::string& name, TensorInfo info, std::shared_ptr<const TensorSource> source) {
+  const auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(ErrorCode::kTensorMissing, path_.string() + ": no tensor " + quote_name(name));
+  info.name = name;
+  auto owned = std::make_shared<const TensorInfo>(std::move(info));
+  it->second = CheckpointTensor{owned.get(), source.get()};
+  owned_infos_.push_back(std::move(owned));
+  sources_.push_back(std::move(source));
+}
+
 std::optional<bool> Checkpoint::tied_word_embeddings() const {
   if (!folder_) return std::nullopt;
   const fs::path config = *folder_ / "config.json";

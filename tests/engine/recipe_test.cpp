@@ -290,8 +290,9 @@ TEST(Recipe, MessagesNameKeyFileAndLine) {
   const std::string msg = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters:\n  density: -2\n");
   EXPECT_NE(msg.find("r.yaml:5"), std::string::npos) << msg;
   EXPECT_NE(msg.find("density"), std::string::npos) << msg;
-  const std::string unk = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_source: base\n");
-  EXPECT_NE(unk.find("tokenizer_source"), std::string::npos) << unk;
+  const std::string unk = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_sorce: base\n");
+  EXPECT_NE(unk.find("tokenizer_sorce"), std::string::npos) << unk;
+  EXPECT_NE(unk.find("did you mean 'tokenizer_source'?"), std::string::npos) << unk;
   EXPECT_NE(unk.find("r.yaml:4"), std::string::npos) << unk;
 }
 
@@ -433,8 +434,47 @@ parameters: {gamma: 0.1, int8_mask: true}
   EXPECT_NE(method.find("did you mean 'dare_ties'?"), std::string::npos) << method;
   const std::string key = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nparameter: {density: 0.5}\n");
   EXPECT_NE(key.find("did you mean 'parameters'?"), std::string::npos) << key;
-  const std::string slices = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\ntokenizer_source: union\n");
-  EXPECT_NE(slices.find("'tokenizer_source': is a mergekit key taskvec does not support yet"), std::string::npos) << slices;
+  const std::string modules = message_of("merge_method: ties\nbase_model: b\nmodels: [a]\nmodules: {}\n");
+  EXPECT_NE(modules.find("'modules': is a mergekit key taskvec does not support yet"), std::string::npos) << modules;
+}
+
+// mergekit's tokenizer keys (config.py's TokenizerConfig): the legacy and the modern form, token sources.
+TEST(Recipe, TokenizerKeysAsMergekitReadsThem) {
+  Recipe r = parse_recipe("merge_method: linear\nmodels: [a, b]\ntokenizer_source: union\n");
+  ASSERT_TRUE(r.tokenizer);
+  EXPECT_EQ(r.tokenizer->source, RecipeTokenizer::Source::kUnion);
+  r = parse_recipe("merge_method: linear\nmodels: [a, b]\ntokenizer_source: b\n");
+  EXPECT_EQ(r.tokenizer->source, RecipeTokenizer::Source::kModel);
+  EXPECT_EQ(r.tokenizer->model.path, "b");
+  // `tokenizer:` without a source means union, as mergekit's default.
+  r = parse_recipe("merge_method: linear\nmodels: [a, b]\ntokenizer:\n  pad_to_multiple_of: 64\n  tokens:\n"
+                   "    <x>: {source: a, force: true}\n    <y>: {source: {kind: zero}}\n"
+                   "    <z>: {source: {kind: model_token, model: b, token_id: 7}}\n");
+  EXPECT_EQ(r.tokenizer->source, RecipeTokenizer::Source::kUnion);
+  EXPECT_EQ(r.tokenizer->pad_to_multiple_of, 64u);
+  ASSERT_EQ(r.tokenizer->tokens.size(), 3u);
+  EXPECT_EQ(r.tokenizer->tokens[0].first, "<x>");
+  EXPECT_EQ(r.tokenizer->tokens[0].second.kind, RecipeTokenEmbedding::Kind::kModel);
+  EXPECT_TRUE(r.tokenizer->tokens[0].second.force);
+  EXPECT_EQ(r.tokenizer->tokens[1].second.kind, RecipeTokenEmbedding::Kind::kZero);
+  EXPECT_EQ(r.tokenizer->tokens[2].second.kind, RecipeTokenEmbedding::Kind::kModelToken);
+  EXPECT_EQ(r.tokenizer->tokens[2].second.token_id, 7);
+  EXPECT_FALSE(r.tokenizer->tokens[2].second.force);
+  r = parse_recipe("merge_method: linear\nmodels: [a, b]\nchat_template: llama3\n");
+  EXPECT_EQ(r.chat_template, "llama3");
+  EXPECT_FALSE(r.tokenizer);
+  // A token without a source: a warning (mergekit would stop), the token is still added.
+  r = parse_recipe("merge_method: linear\nmodels: [a, b]\ntokenizer:\n  tokens:\n    <x>:\n");
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("has no source"), std::string::npos) << r.warnings[0];
+  EXPECT_NE(message_of("merge_method: linear\nmodels: [a, b]\ntokenizer: {pad_to_multiple_of: 0}\n").find("pad_to_multiple_of"),
+            std::string::npos);
+  EXPECT_NE(message_of("merge_method: linear\nmodels: [a, b]\ntokenizer: {tokens: {x: {force: true}}}\n").find("force needs a source"),
+            std::string::npos);
+  EXPECT_NE(message_of("merge_method: linear\nmodels: [a, b]\ntokenizer: {tokens: {x: {source: {kind: one}}}}\n").find("unknown kind 'one'"),
+            std::string::npos);
+  EXPECT_NE(message_of("merge_method: linear\nmodels: [a, b]\nchat_template: '{x}'\n").find("nor a Jinja template"),
+            std::string::npos);
 }
 
 // mergekit's README lists the base among the models; mergekit uses it only as the base.
