@@ -385,6 +385,9 @@ struct Recipe {
   std::uint64_t seed = 0;
   std::string source_text;                      ///< the YAML as read (saved as mergekit_config.yml beside a folder output)
   std::optional<std::string> name;              ///< a stage's `name` (mergekit-multi); other stages refer to it as a model
+  /// Set by merge_stages: the output folder of an earlier stage that a path now names -> that stage's
+  /// name, so that the model card lists "stage NAME", not a temporary folder.
+  std::map<std::string, std::string> stage_inputs;
   /// mergekit's `slices:` form. Then `models` lists each distinct source model once (no parameters) and
   /// the base_model, when it is a source, too.
   std::vector<RecipeSlice> slices;

@@ -141,10 +141,15 @@ const char* torch_dtype_name(DType d) {
 
 // A README.md model card in mergekit's layout (front matter, method, models, the configuration).
 std::string model_card(const Recipe& recipe) {
+  // An earlier stage's output is named by its stage, not by its (temporary) folder.
+  const auto shown = [&](const std::filesystem::path& p) {
+    const auto it = recipe.stage_inputs.find(p.string());
+    return it == recipe.stage_inputs.end() ? p.string() : fmt::format("stage {}", it->second);
+  };
   std::vector<std::string> inputs;
-  if (recipe.base_model) inputs.push_back(recipe.base_model->string());
+  if (recipe.base_model) inputs.push_back(shown(*recipe.base_model));
   for (const auto& m : recipe.models)
-    inputs.push_back(m.adapter ? fmt::format("{}+{}", m.path.string(), m.adapter->string()) : m.path.string());
+    inputs.push_back(m.adapter ? fmt::format("{}+{}", shown(m.path), m.adapter->string()) : shown(m.path));
   std::string card = "---\nbase_model:\n";
   for (const auto& i : inputs) card += fmt::format("- {}\n", i);
   card += "library_name: transformers\ntags:\n- merge\n- taskvec\n---\n";
@@ -152,10 +157,10 @@ std::string model_card(const Recipe& recipe) {
                       recipe.file.stem().string(), taskvec_version());
   card += "## Merge Details\n### Merge Method\n\n";
   card += fmt::format("This model was merged using the {} merge method{}.\n\n", recipe.method->name,
-                      recipe.base_model ? fmt::format(" with {} as the base", recipe.base_model->string()) : "");
+                      recipe.base_model ? fmt::format(" with {} as the base", shown(*recipe.base_model)) : "");
   card += "### Models Merged\n\nThe following models were included in the merge:\n";
   for (const auto& m : recipe.models)
-    card += m.adapter ? fmt::format("* {} + {}\n", m.path.string(), m.adapter->string()) : fmt::format("* {}\n", m.path.string());
+    card += m.adapter ? fmt::format("* {} + {}\n", shown(m.path), m.adapter->string()) : fmt::format("* {}\n", shown(m.path));
   card += "\n### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n```yaml\n";
   card += recipe.source_text;
   if (!recipe.source_text.empty() && recipe.source_text.back() != '\n') card += "\n";

@@ -115,9 +115,25 @@ EditReport merge_stages(const std::vector<Recipe>& stages, const fs::path& outpu
       progress = true;
     }
     if (!progress) {
+      // The unplaced stages wait on a cycle; name those in it: leave out, again and again, the ones no
+      // other unplaced stage waits on.
+      std::vector<bool> in_cycle(stages.size());
+      for (std::size_t i = 0; i < stages.size(); ++i) in_cycle[i] = !placed[i];
+      for (bool removed = true; removed;) {
+        removed = false;
+        for (std::size_t i = 0; i < stages.size(); ++i) {
+          if (!in_cycle[i] || !stages[i].name) {
+            if (in_cycle[i] && !stages[i].name) in_cycle[i] = false, removed = true;  // the final stage: no one waits on it
+            continue;
+          }
+          bool waited_on = false;
+          for (std::size_t j = 0; j < stages.size() && !waited_on; ++j) waited_on = in_cycle[j] && deps[j].count(*stages[i].name);
+          if (!waited_on) in_cycle[i] = false, removed = true;
+        }
+      }
       std::vector<std::string> stuck;
       for (std::size_t i = 0; i < stages.size(); ++i)
-        if (!placed[i]) stuck.push_back(stages[i].name ? *stages[i].name : "(final)");
+        if (in_cycle[i]) stuck.push_back(*stages[i].name);
       throw Error(ErrorCode::kRecipe, fmt::format("{}: the stages {} use each other's outputs in a cycle", file,
                                                   fmt::format("{}", fmt::join(stuck, ", "))));
     }
@@ -148,7 +164,10 @@ EditReport merge_stages(const std::vector<Recipe>& stages, const fs::path& outpu
   for (std::size_t i : order) {
     Recipe stage = stages[i];
     const auto resolve = [&](fs::path& p) {
-      if (const auto it = outputs.find(p.string()); it != outputs.end()) p = it->second;
+      if (const auto it = outputs.find(p.string()); it != outputs.end()) {
+        p = it->second;
+        stage.stage_inputs[p.string()] = it->first;
+      }
     };
     if (stage.base_model) resolve(*stage.base_model);
     for (auto& m : stage.models) resolve(m.path);

@@ -1098,7 +1098,7 @@ Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, c
   if (mname == "karcher" && r.base_model) {
     // mergekit appends a base_model that is not among the models to karcher's inputs: one more model.
     bool listed = false;
-    for (const auto& m : r.models) listed = listed || (same_path(m.path, *r.base_model) && m.adapter == r.base_model_adapter);
+    for (const auto& m : r.models) listed = listed || same_model(m.path, m.adapter, *r.base_model, r.base_model_adapter);
     if (!listed) {
       RecipeModel b;
       b.path = *r.base_model;
@@ -1109,7 +1109,7 @@ Recipe parse_recipe_root(const YAML::Node& root, const std::string& yaml_text, c
   }
   if (mname == "linear" && r.base_model) {
     bool listed = false;
-    for (const auto& m : r.models) listed = listed || (m.path == *r.base_model && m.adapter == r.base_model_adapter);
+    for (const auto& m : r.models) listed = listed || same_model(m.path, m.adapter, *r.base_model, r.base_model_adapter);
     if (!listed && r.params.count("weight")) {
       // mergekit appends the base_model to the inputs; with a global weight it is averaged in.
       RecipeModel b;

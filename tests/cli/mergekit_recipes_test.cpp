@@ -323,6 +323,10 @@ TEST_F(MergekitRecipes, MultiStageRecipeRunsItsStagesInDependencyOrder) {
   ASSERT_EQ(out.tensor_names(), Checkpoint::open(dir / "by_hand").tensor_names());
   for (const auto& name : out.tensor_names())
     EXPECT_EQ(read_tensor_bytes(dir / "final", name), read_tensor_bytes(dir / "by_hand", name)) << name;
+  // The model card names the stages the final merge read, not their temporary folders.
+  const std::string card = read_text(dir / "final" / "README.md");
+  EXPECT_NE(card.find("* stage second-merge\n"), std::string::npos) << card;
+  EXPECT_EQ(card.find(".taskvec-stages-"), std::string::npos) << card;
   // The temporary folder of intermediates is gone.
   for (const auto& e : fs::directory_iterator(dir.path()))
     EXPECT_EQ(e.path().filename().string().rfind(".taskvec-stages-", 0), std::string::npos) << e.path();
@@ -361,7 +365,7 @@ TEST_F(MergekitRecipes, MultiStageRecipeRunsItsStagesInDependencyOrder) {
                                       "merge_method: linear\nmodels: [a, model_b]\n---\nmerge_method: linear\nmodels: [a]\n";
   Result cycle = run("merge cycle.yml c", dir);
   EXPECT_EQ(cycle.status, 2) << cycle.err;
-  EXPECT_NE(cycle.err.find("use each other's outputs in a cycle"), std::string::npos) << cycle.err;
+  EXPECT_NE(cycle.err.find("the stages a, b use each other's outputs in a cycle"), std::string::npos) << cycle.err;
   std::ofstream(dir / "two.yml") << "name: a\nmerge_method: linear\nmodels: [model_a]\n---\nname: b\n"
                                     "merge_method: linear\nmodels: [model_b]\n";
   Result two = run("merge two.yml t", dir);
