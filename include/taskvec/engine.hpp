@@ -38,6 +38,9 @@ struct EditOptions {
   std::optional<DType> out_dtype;        ///< float tensors' output dtype; default: the base tensor's dtype
   std::string include;                   ///< ECMAScript regex (std::regex_search): edit only matching tensors
   std::string exclude;                   ///< ... and not these; the others are copied from the base unchanged
+  /// Linear edits: the tensors include/exclude does not select are left out of the output instead of
+  /// copied (the Python package computes one tensor of a lazy expression this way).
+  bool only_selected = false;
   unsigned threads = 0;                  ///< worker threads; 0 = std::thread::hardware_concurrency()
   std::uint64_t memory_budget = 512ull << 20;  ///< bytes of decoded chunks and output buffers in flight
   CheckpointWriteOptions write;          ///< shard size, --force

@@ -334,6 +334,7 @@ class Engine {
       }
     }
     for (const auto& name : base_.tensor_names()) {
+      if (options_.only_selected && !filter.selects(name)) continue;  // left out, not copied
       auto job = std::make_unique<Job>();
       job->base = base_.find(name);
       const TensorInfo& bi = *job->base->info;
