@@ -96,54 +96,84 @@ std::optional<std::int64_t> config_vocab_size(const Checkpoint& c) {
   return std::nullopt;
 }
 
+// Adds token -> id to `v`, refusing what would make rows ambiguous: one token at two ids, two tokens at
+// one id (the tokenizer files disagree with each other or with themselves).
+void add_token(Vocab& v, std::unordered_map<std::int64_t, std::string>& by_id, const std::string& token, std::int64_t id,
+               const fs::path& file) {
+  if (const auto it = v.ids.find(token); it != v.ids.end() && it->second != id)
+    throw Error(ErrorCode::kIo, fmt::format("{}: token '{}' has id {} here but id {} in {}'s other tokenizer entries; fix "
+                                            "the tokenizer files", file.string(), escape_control(token), id, it->second,
+                                            v.where));
+  if (const auto it = by_id.find(id); it != by_id.end() && it->second != token)
+    throw Error(ErrorCode::kIo, fmt::format("{}: id {} is given to two tokens, '{}' and '{}': its embedding row would mean "
+                                            "both; fix the tokenizer files", file.string(), id, escape_control(it->second),
+                                            escape_control(token)));
+  v.ids[token] = id;
+  by_id[id] = token;
+}
+
+std::int64_t entry_id(const Json& id, const fs::path& file, const std::string& token) {
+  const auto v = as_id(id);
+  if (!v)
+    throw Error(ErrorCode::kIo, fmt::format("{}: token '{}' has id {}, not an integer >= 0; fix the file", file.string(),
+                                            escape_control(token), id.dump()));
+  return *v;
+}
+
 Vocab read_vocab(const Checkpoint& c) {
   Vocab v;
   v.where = c.folder() ? c.folder()->string() : c.path().string();
+  std::unordered_map<std::int64_t, std::string> by_id;
   const std::vector<fs::path> files = c.auxiliary_files();
   const fs::path* tj = find_file(files, "tokenizer.json");
   if (tj != nullptr) {
     v.found = true;
     const Json j = parse_json<Json>(*tj, *read_auxiliary(files, "tokenizer.json"));
-    if (const auto model = j.find("model"); model != j.end() && model->is_object()) {
-      if (const auto vocab = model->find("vocab"); vocab != model->end()) {
-        if (vocab->is_object()) {
-          for (const auto& [token, id] : vocab->items())
-            if (auto i = as_id(id)) v.ids[token] = *i;
-        } else if (vocab->is_array()) {  // Unigram: [piece, score], the id is the index
-          std::int64_t i = 0;
-          for (const auto& piece : *vocab) {
-            if (piece.is_array() && !piece.empty() && piece[0].is_string()) v.ids[piece[0].get<std::string>()] = i;
-            ++i;
-          }
-        }
+    const auto model = j.is_object() ? j.find("model") : j.end();
+    const auto vocab = model != j.end() && model->is_object() ? model->find("vocab") : j.end();
+    if (model == j.end() || !model->is_object() || vocab == model->end() || !(vocab->is_object() || vocab->is_array()))
+      throw Error(ErrorCode::kIo, fmt::format("{}: has no model.vocab (a token -> id object, or a Unigram list), so its "
+                                              "rows cannot be matched to tokens; fix the file", tj->string()));
+    if (vocab->is_object()) {
+      for (const auto& [token, id] : vocab->items()) add_token(v, by_id, token, entry_id(id, *tj, token), *tj);
+    } else {  // Unigram: [piece, score], the id is the index
+      std::int64_t i = 0;
+      for (const auto& piece : *vocab) {
+        if (!piece.is_array() || piece.empty() || !piece[0].is_string())
+          throw Error(ErrorCode::kIo, fmt::format("{}: model.vocab[{}] is not a [piece, score] pair; fix the file",
+                                                  tj->string(), i));
+        add_token(v, by_id, piece[0].get<std::string>(), i, *tj);
+        ++i;
       }
     }
     if (const auto added = j.find("added_tokens"); added != j.end() && added->is_array()) {
       for (const auto& e : *added) {
-        if (!e.is_object() || !e.contains("content") || !e["content"].is_string() || !e.contains("id")) continue;
-        const auto id = as_id(e["id"]);
-        if (!id) continue;
+        if (!e.is_object() || !e.contains("content") || !e["content"].is_string() || !e.contains("id"))
+          throw Error(ErrorCode::kIo, fmt::format("{}: an added_tokens entry without content and id: {}; fix the file",
+                                                  tj->string(), e.dump()));
         const std::string content = e["content"].get<std::string>();
-        v.ids[content] = *id;
-        v.added[*id] = added_entry(content, &e);
+        const std::int64_t id = entry_id(e["id"], *tj, content);
+        add_token(v, by_id, content, id, *tj);
+        v.added[id] = added_entry(content, &e);
       }
     }
   }
   if (const fs::path* tc = find_file(files, "tokenizer_config.json")) {
     const Json j = parse_json<Json>(*tc, *read_auxiliary(files, "tokenizer_config.json"));
-    if (const auto dec = j.find("added_tokens_decoder"); j.is_object() && dec != j.end() && dec->is_object()) {
+    if (const auto dec = j.is_object() ? j.find("added_tokens_decoder") : j.end(); j.is_object() && dec != j.end() && dec->is_object()) {
       for (const auto& [key, e] : dec->items()) {
-        std::int64_t id = 0;
+        std::int64_t id = -1;
         try {
           std::size_t used = 0;
           id = std::stoll(key, &used);
-          if (used != key.size() || id < 0) continue;
+          if (used != key.size()) id = -1;
         } catch (const std::exception&) {
-          continue;
         }
-        if (!e.is_object() || !e.contains("content") || !e["content"].is_string()) continue;
+        if (id < 0 || !e.is_object() || !e.contains("content") || !e["content"].is_string())
+          throw Error(ErrorCode::kIo, fmt::format("{}: added_tokens_decoder entry '{}' is not an id with a content; fix "
+                                                  "the file", tc->string(), escape_control(key)));
         const std::string content = e["content"].get<std::string>();
-        v.ids[content] = id;
+        add_token(v, by_id, content, id, *tc);
         if (!v.added.count(id)) v.added[id] = added_entry(content, &e);
       }
     }
@@ -151,11 +181,11 @@ Vocab read_vocab(const Checkpoint& c) {
   if (const fs::path* at = find_file(files, "added_tokens.json")) {
     const Json j = parse_json<Json>(*at, *read_auxiliary(files, "added_tokens.json"));
     if (j.is_object())
-      for (const auto& [content, id] : j.items())
-        if (auto i = as_id(id)) {
-          v.ids[content] = *i;
-          if (!v.added.count(*i)) v.added[*i] = added_entry(content, nullptr);
-        }
+      for (const auto& [content, id] : j.items()) {
+        const std::int64_t i = entry_id(id, *at, content);
+        add_token(v, by_id, content, i, *at);
+        if (!v.added.count(i)) v.added[i] = added_entry(content, nullptr);
+      }
   }
   if (!v.ids.empty()) v.found = true;
   v.vocab_size = config_vocab_size(c).value_or(static_cast<std::int64_t>(v.ids.size()));
@@ -571,12 +601,22 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
           Json kept = Json::array();
           for (const auto& m : *merges) {
             bool keep = true;
+            // A merge goes when a part or its result (the parts joined) is a removed token.
             if (m.is_string()) {
               const std::string s = m.get<std::string>();
               const auto sp = s.find(' ');
-              if (sp != std::string::npos) keep = !removed.count(s.substr(0, sp)) && !removed.count(s.substr(sp + 1));
+              if (sp != std::string::npos) {
+                const std::string x = s.substr(0, sp), y = s.substr(sp + 1);
+                keep = !removed.count(x) && !removed.count(y) && !removed.count(x + y);
+              }
             } else if (m.is_array()) {
-              for (const auto& part : m) keep = keep && !(part.is_string() && removed.count(part.get<std::string>()));
+              std::string joined;
+              for (const auto& part : m) {
+                if (!part.is_string()) continue;
+                keep = keep && !removed.count(part.get<std::string>());
+                joined += part.get<std::string>();
+              }
+              keep = keep && !removed.count(joined);
             }
             if (keep) kept.push_back(m);
           }
@@ -697,7 +737,12 @@ std::optional<std::string> input_chat_template(const Checkpoint& c) {
 std::optional<std::string> chat_template_text(const std::string& chat_template, const std::vector<const Checkpoint*>& inputs) {
   if (chat_template == "auto") {
     std::vector<std::pair<std::string, std::size_t>> counts;  // template -> count, in first-seen order
+    std::vector<fs::path> seen;  // one vote per model, as mergekit's set of referenced models
     for (const Checkpoint* c : inputs) {
+      std::error_code ec;
+      const fs::path where = fs::weakly_canonical(c->folder() ? *c->folder() : c->path(), ec);
+      if (std::find(seen.begin(), seen.end(), where) != seen.end()) continue;
+      seen.push_back(where);
       const auto t = input_chat_template(*c);
       if (!t || t->empty()) continue;
       auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& p) { return p.first == *t; });

@@ -639,6 +639,75 @@ tokenizer_source: "union"  # or "base" or a model path
   EXPECT_FALSE(fs::exists(dir / "bad"));
 }
 
+// One vote per model for `chat_template: auto`, also for a base listed among the models (mergekit's set
+// of referenced models).
+TEST_F(TokenizerMerge, ChatTemplateAutoCountsEachModelOnce) {
+  const Result r = merge(R"(merge_method: linear
+base_model: base
+models:
+  - model: base
+    parameters: {weight: 1}
+  - model: math
+    parameters: {weight: 1}
+  - model: chatml
+    parameters: {weight: 1}
+tokenizer_source: union
+chat_template: auto
+)", "out");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(Json::parse(read_text(dir / "out" / "tokenizer_config.json"))["chat_template"],
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}");
+}
+
+// Tokenizer files that would make a row mean two tokens, or no token, are refused with the file named;
+// padding tokens the output leaves out take the BPE merges that make them along.
+TEST_F(TokenizerMerge, MalformedTokenizerFilesAreRefusedAndStrippedMergesGo) {
+  const std::string recipe = "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1}\n"
+                             "  - model: chatml\n    parameters: {weight: 1}\ntokenizer_source: union\n";
+  const fs::path tj = dir / "chatml" / "tokenizer.json";
+  const std::string good = read_text(tj);
+  Json j = Json::parse(good);
+  j["model"]["vocab"]["a"] = 4;  // "a" and "b" on one id
+  std::ofstream(tj) << j.dump();
+  Result r = merge(recipe, "o1");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("id 4 is given to two tokens"), std::string::npos) << r.err;
+  j = Json::parse(good);
+  j.erase("model");
+  std::ofstream(tj) << j.dump();
+  r = merge(recipe, "o2");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("has no model.vocab"), std::string::npos) << r.err;
+  j = Json::parse(good);
+  j["added_tokens"][3]["id"] = "17";
+  std::ofstream(tj) << j.dump();
+  r = merge(recipe, "o3");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("not an integer >= 0"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "o1") || fs::exists(dir / "o2") || fs::exists(dir / "o3"));
+  std::ofstream(tj) << good;
+
+  // `padded` as the base, with a plain token "ab" past its vocab_size and the merge that makes it.
+  j = Json::parse(read_text(dir / "padded" / "tokenizer.json"));
+  for (auto& e : j["added_tokens"])
+    if (e["id"].get<int>() >= 16) e["id"] = e["id"].get<int>() + 1;
+  j["model"]["vocab"]["ab"] = 16;
+  j["model"]["merges"] = {"a b", "c d"};
+  std::ofstream(dir / "padded" / "tokenizer.json") << j.dump();
+  Json tc = Json::parse(read_text(dir / "padded" / "tokenizer_config.json"));
+  Json dec = Json::object();
+  for (const auto& [k, e] : tc["added_tokens_decoder"].items()) dec[std::to_string(std::stoi(k) >= 16 ? std::stoi(k) + 1 : std::stoi(k))] = e;
+  tc["added_tokens_decoder"] = dec;
+  std::ofstream(dir / "padded" / "tokenizer_config.json") << tc.dump();
+  r = merge("merge_method: linear\nbase_model: padded\nmodels:\n  - model: padded\n    parameters: {weight: 1}\n"
+            "  - model: chatml\n    parameters: {weight: 1}\ntokenizer_source: union\n", "o4");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const Json out = Json::parse(read_text(dir / "o4" / "tokenizer.json"));
+  EXPECT_FALSE(out["model"]["vocab"].contains("ab"));
+  EXPECT_EQ(out["model"]["merges"], Json({"c d"}));
+  EXPECT_EQ(out_vocab(dir / "o4").at("<|im_start|>"), 16);
+}
+
 TEST_F(TokenizerMerge, RecipeErrorsNameTheKey) {
   Result r = merge("merge_method: linear\nmodels: [base, chatml]\ntokenizer_source: union\ntokenizer: {source: base}\n", "o");
   EXPECT_NE(r.status, 0);
