@@ -163,6 +163,13 @@ struct SafetensorsLayout {
 /// re-raised). For programs: the taskvec CLI calls it first thing. SIGKILL cannot be caught: after it a
 /// hidden temp file may stay (docs/SECURITY.md).
 void install_interrupt_cleanup() noexcept;
+/// Makes the handlers of install_interrupt_cleanup also remove `folder` and everything in it (with
+/// async-signal-safe calls only; symlinks inside are removed, never followed), e.g. a command's
+/// temporary folder of candidate outputs. Returns a slot for release_interrupt_folder, or -1 when the 16
+/// slots are taken (the folder is then not removed on a signal).
+int register_interrupt_folder(const std::filesystem::path& folder) noexcept;
+/// Stops removing the folder of `slot` on a signal (call it before removing or keeping the folder).
+void release_interrupt_folder(int slot) noexcept;
 
 class AtomicFile {
  public:

@@ -16,9 +16,13 @@ hands them to it. Nothing is read until a tensor is asked for or an expression i
 docs/PYTHON.md has the whole API.
 """
 
+import json
 import numbers
 import os
 import re
+import shlex
+import shutil
+import subprocess
 import tempfile
 import weakref
 
@@ -29,7 +33,7 @@ from ._taskvec import Error
 
 __version__ = _taskvec.__version__
 __all__ = ["Error", "Checkpoint", "Expression", "TaskVector", "open", "task_vector", "merge", "similarity",
-           "save", "to_torch", "__version__"]
+           "save", "to_torch", "sweep", "__version__"]
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -465,4 +469,107 @@ def to_torch(x):
         raw = bytearray(c.raw(name))
         t = torch.frombuffer(raw, dtype=dt) if raw else torch.empty(0, dtype=dt)
         result[name] = t.reshape(c.shape(name))
+    return result
+
+
+def _scores(result, label):
+    """{name: number} from an evaluation's result: a number ("score"), a dict, or printed text whose last
+    non-empty line is a number or a JSON object (as `taskvec sweep` reads a command's output)."""
+    if isinstance(result, str):
+        lines = [ln.strip() for ln in result.splitlines() if ln.strip()]
+        last = lines[-1] if lines else ""
+        try:
+            result = json.loads(last) if last.startswith("{") else float(last)
+        except ValueError:
+            raise ValueError(f"{label} printed {last!r} as its last line: expected a number or a JSON object of numbers")
+    if isinstance(result, bool):
+        raise TypeError(f"{label} returned a bool, not a score")
+    if isinstance(result, numbers.Real):
+        return {"score": float(result)}
+    if isinstance(result, dict) and result and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                   for v in result.values()):
+        return {str(k): float(v) for k, v in result.items()}
+    raise TypeError(f"{label} returned {result!r}: expected a number or a dict of numbers")
+
+
+def _parse_select(select):
+    kind, _, rest = select.partition(":")
+    if kind in ("max", "min"):
+        return kind, rest or "score", None, None
+    if kind == "negation":
+        parts = rest.split(",")
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ValueError(f"select={select!r}: expected negation:TARGET,CONTROL[,RATIO]")
+        ratio = float(parts[2]) if len(parts) == 3 else 0.95
+        if not 0 < ratio <= 1:
+            raise ValueError(f"select={select!r}: RATIO must be in (0, 1]")
+        return kind, parts[0], parts[1], ratio
+    raise ValueError(f"select={select!r}: expected max:NAME, min:NAME or negation:TARGET,CONTROL,RATIO")
+
+
+def sweep(expression, values, evaluate, select="max:score", output=None, keep_all=None, **save_options):
+    """Chooses a scaling coefficient on validation data, as `taskvec sweep`: for each value L of `values`,
+    `expression(L)` (an Expression, e.g. lambda L: pre + L * tau) is saved as a candidate folder and
+    evaluated: `evaluate(path)` returns a number or a dict of named numbers, or `evaluate` is a shell
+    command with {model} whose last line of output is one. The candidate is deleted unless `keep_all`
+    (a folder that keeps them). `select`: "max:NAME" (default max:score), "min:NAME", or the paper's
+    negation rule "negation:TARGET,CONTROL,RATIO" (lowest TARGET with CONTROL >= RATIO x its value at L =
+    0; L = 0 is evaluated for it when not among the values). With `output`, the chosen candidate is
+    saved there (with `save_options`). Returns {"curve": [{"value", "scores"}], "chosen", "chosen_scores",
+    "output"}. A failing command raises subprocess.CalledProcessError; nothing is left behind."""
+    kind, score, control, ratio = _parse_select(select)
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("sweep needs at least one value")
+    if not callable(expression):
+        raise TypeError("expression must be a callable L -> Expression, e.g. lambda L: pre + L * tau")
+    if isinstance(evaluate, str) and "{model}" not in evaluate:
+        raise ValueError(f"evaluate={evaluate!r} has no {{model}} to replace by a candidate's path")
+    if not (callable(evaluate) or isinstance(evaluate, str)):
+        raise TypeError("evaluate must be a callable(path) or a shell command with {model}")
+    where = keep_all if keep_all is not None else tempfile.mkdtemp(
+        prefix=".taskvec-sweep-", dir=os.path.dirname(os.path.abspath(os.fspath(output))) if output else None)
+    os.makedirs(where, exist_ok=True)
+    curve = []
+    try:
+        todo = ([0.0] if kind == "negation" and 0.0 not in values else []) + values
+        for v in todo:
+            cand = os.path.join(where, f"L_{v:g}")
+            e = expression(v)
+            if not isinstance(e, _Linear):
+                raise TypeError(f"expression({v:g}) returned {type(e).__name__}, not a taskvec expression")
+            e._expr()._save(cand, _options())
+            label = f"the evaluation of L={v:g}"
+            if callable(evaluate):
+                result = evaluate(cand)
+            else:
+                done = subprocess.run(evaluate.replace("{model}", shlex.quote(cand)), shell=True, stdout=subprocess.PIPE,
+                                      text=True, check=True)
+                result = done.stdout
+            curve.append({"value": v, "scores": _scores(result, label)})
+            if keep_all is None:
+                shutil.rmtree(cand, ignore_errors=True)
+    finally:
+        if keep_all is None:
+            shutil.rmtree(where, ignore_errors=True)
+
+    def get(c, name):
+        if name not in c["scores"]:
+            raise KeyError(f"select={select!r}: the evaluation of L={c['value']:g} gave no score {name!r} "
+                           f"(it gave {sorted(c['scores'])})")
+        return c["scores"][name]
+
+    if kind == "negation":
+        zero = next(c for c in curve if c["value"] == 0.0)
+        threshold = ratio * get(zero, control)
+        allowed = [c for c in curve if get(c, control) >= threshold]
+        best = min(allowed, key=lambda c: get(c, score))
+    elif kind == "max":
+        best = max(curve, key=lambda c: get(c, score))
+    else:
+        best = min(curve, key=lambda c: get(c, score))
+    result = {"curve": curve, "chosen": best["value"], "chosen_scores": best["scores"], "output": None}
+    if output is not None:
+        expression(best["value"]).save(output, **save_options)
+        result["output"] = os.fspath(output)
     return result

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -66,6 +67,51 @@ void release_temp(int slot) noexcept {
   if (slot >= 0) g_temp_slots[slot].state.store(0, std::memory_order_release);
 }
 
+// Folders the handler removes whole (a command's temporary folder of intermediate outputs).
+constexpr std::size_t kFolderSlots = 16;
+TempSlot g_folder_slots[kFolderSlots];
+
+// Removes what `dir_fd` holds, then nothing else: only syscalls (getdents64, unlinkat, openat), which are
+// async-signal-safe. Bounded depth and rounds; what it cannot remove stays.
+void remove_contents_at(int dir_fd, int depth) noexcept {
+  alignas(8) char buf[4096];
+  for (int round = 0; round < 64; ++round) {
+    bool removed = false, left = false;
+    ::lseek(dir_fd, 0, SEEK_SET);
+    for (;;) {
+      const long n = ::syscall(SYS_getdents64, dir_fd, buf, sizeof buf);
+      if (n <= 0) break;
+      for (long at = 0; at < n;) {
+        struct Dirent64 {
+          unsigned long long ino;
+          long long off;
+          unsigned short reclen;
+          unsigned char type;
+          char name[1];
+        };
+        const auto* e = reinterpret_cast<const Dirent64*>(buf + at);
+        at += e->reclen;
+        const char* name = e->name;
+        if (name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0'))) continue;
+        if (::unlinkat(dir_fd, name, 0) == 0) {
+          removed = true;
+          continue;
+        }
+        if (depth < 6) {
+          const int sub = ::openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+          if (sub >= 0) {
+            remove_contents_at(sub, depth + 1);
+            ::close(sub);
+          }
+        }
+        if (::unlinkat(dir_fd, name, AT_REMOVEDIR) == 0) removed = true;
+        else left = true;
+      }
+    }
+    if (!left || !removed) return;
+  }
+}
+
 extern "C" void remove_temps_and_reraise(int sig) {
   g_terminating.store(1);
   // A thread interrupted in the middle of creating its temp file cannot finish while this runs on it:
@@ -76,11 +122,36 @@ extern "C" void remove_temps_and_reraise(int sig) {
   }
   for (auto& slot : g_temp_slots)
     if (slot.state.load(std::memory_order_acquire) == 2) ::unlink(slot.path);
+  for (auto& slot : g_folder_slots) {
+    if (slot.state.load(std::memory_order_acquire) != 2) continue;
+    const int fd = ::open(slot.path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;
+    remove_contents_at(fd, 0);
+    ::close(fd);
+    ::rmdir(slot.path);
+  }
   ::signal(sig, SIG_DFL);
   ::raise(sig);
 }
 
 }  // namespace
+
+int register_interrupt_folder(const std::filesystem::path& folder) noexcept {
+  const std::string path = folder.string();
+  if (path.size() >= kTempPathMax) return -1;
+  for (std::size_t i = 0; i < kFolderSlots; ++i) {
+    int expected = 0;
+    if (!g_folder_slots[i].state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
+    std::memcpy(g_folder_slots[i].path, path.c_str(), path.size() + 1);
+    g_folder_slots[i].state.store(2, std::memory_order_release);
+    return static_cast<int>(i);
+  }
+  return -1;
+}
+
+void release_interrupt_folder(int slot) noexcept {
+  if (slot >= 0 && static_cast<std::size_t>(slot) < kFolderSlots) g_folder_slots[slot].state.store(0, std::memory_order_release);
+}
 
 void install_interrupt_cleanup() noexcept {
   struct sigaction action {};

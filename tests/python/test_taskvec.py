@@ -4,6 +4,8 @@ trips, laziness (a tensor of an expression reads only its own inputs), error cod
 Run by ctest (Python.pytest) with PYTHONPATH=build/python."""
 
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -246,3 +248,42 @@ def test_save_releases_the_gil(tmp_path):
     assert calls, "the progress callback was called"
     # With the GIL held for the whole save, the spinning thread could not have counted during it.
     assert after - before > 10_000, (before, after)
+
+
+def test_sweep_chooses_lambda(tmp_path):
+    """tv.sweep: the best L by a Python evaluator, by a shell command, and by the paper's negation rule."""
+    tv.save({"w": np.zeros(4, np.float32)}, tmp_path / "pre.safetensors")
+    tv.save({"w": np.array([1, 2, 3, 4], np.float32)}, tmp_path / "ft.safetensors")
+    pre = tv.open(tmp_path / "pre.safetensors")
+    tau = tv.task_vector(pre, tmp_path / "ft.safetensors")
+    target = np.array([1, 2, 3, 4]) * 0.75
+    seen = []
+
+    def evaluate(path):
+        seen.append(path)
+        w = tv.open(path)["w"]
+        return {"score": -float(((w - target) ** 2).sum()), "norm": float((w ** 2).sum())}
+
+    r = tv.sweep(lambda L: pre + L * tau, np.arange(0, 1.01, 0.25), evaluate, output=tmp_path / "best")
+    assert r["chosen"] == 0.75
+    assert [c["value"] for c in r["curve"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert r["curve"][2]["scores"]["score"] == pytest.approx(-((0.5 - 0.75) ** 2) * 30)
+    np.testing.assert_array_equal(tv.open(tmp_path / "best")["w"], np.array([0.75, 1.5, 2.25, 3.0], np.float32))
+    assert all(not os.path.exists(p) for p in seen)  # candidates deleted
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".taskvec-sweep-")]
+    assert tv.sweep(lambda L: pre + L * tau, [0, 0.5, 1], evaluate, select="min:norm")["chosen"] == 0
+    # A shell command, whose last line is the score.
+    script = tmp_path / "eval.py"
+    script.write_text("import sys, taskvec as tv\nw = tv.open(sys.argv[1])['w']\nprint('log')\nprint(-abs(float(w[0]) - 0.25))\n")
+    r = tv.sweep(lambda L: pre + L * tau, [0, 0.25, 0.5], f"{sys.executable} {script} {{model}}")
+    assert r["chosen"] == 0.25
+    # The negation rule: target (L+0.5)^2, control 1 - L/10, L = 0 evaluated for the threshold.
+    neg = tv.sweep(lambda L: pre + L * tau, [-1, -0.5, 0.25, 0.6, 1],
+                   lambda p: {"target": (float(tv.open(p)["w"][0]) + 0.5) ** 2, "control": 1 - float(tv.open(p)["w"][0]) / 10},
+                   select="negation:target,control,0.95")
+    assert neg["chosen"] == -0.5 and len(neg["curve"]) == 6
+    with pytest.raises(subprocess.CalledProcessError):
+        tv.sweep(lambda L: pre + L * tau, [0, 1], "exit 3 # {model}")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".taskvec-sweep-")]
+    with pytest.raises(ValueError):
+        tv.sweep(lambda L: pre + L * tau, [0, 1], evaluate, select="best")

@@ -4,6 +4,8 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <map>
+#include <vector>
 #include <string>
 #include <utility>
 
@@ -40,6 +42,10 @@ std::uint64_t parse_size(const std::string& text);
 /// "path:lambda" -> (path, lambda), lambda 1 without ':'; the last ':' separates, so paths may contain
 /// ':'. Throws Error{kInvalidArgument} for a coefficient that is not a finite number.
 std::pair<std::string, double> split_term(const std::string& text);
+/// Opens the checkpoints of repeated `--model NAME=PATH` flags (NAME: letters, digits, '_', not starting
+/// with a digit, not "tau"); `pretrained` must be one of the names. Throws Error{kInvalidArgument} and
+/// what Checkpoint::open throws. Used by edit and sweep.
+std::map<std::string, Checkpoint> open_named_models(const std::vector<std::string>& specs, const std::string& pretrained);
 /// Prints an EditReport: a human summary (or the dry-run plan) on stdout, or JSON with --json.
 void print_edit_report(const EditReport& report, const GlobalFlags& global, bool dry_run);
 
@@ -53,5 +59,6 @@ void add_similarity_command(CLI::App& app, const GlobalFlags& global, Action& ac
 void add_merge_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_extract_lora_command(CLI::App& app, const GlobalFlags& global, Action& action);
 void add_combine_adapters_command(CLI::App& app, const GlobalFlags& global, Action& action);
+void add_sweep_command(CLI::App& app, const GlobalFlags& global, Action& action);
 
 }  // namespace taskvec::cli

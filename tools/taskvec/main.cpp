@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
   cli::add_similarity_command(app, global, action);
   cli::add_extract_lora_command(app, global, action);
   cli::add_combine_adapters_command(app, global, action);
+  cli::add_sweep_command(app, global, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
