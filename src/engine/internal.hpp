@@ -154,8 +154,11 @@ struct ConfigDifference {
 };
 /// With `differences`, the config.json findings go there instead of into `warnings` (merge refuses them
 /// unless --allow-crimes).
+/// `tokenizer_merge`: ids past an input's rows are its unused padding, which the merge leaves out, not a
+/// finding (and vocab_size may differ, as with merge_extra_rows).
 void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merge_extra_rows,
-                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences = nullptr);
+                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences = nullptr,
+                         bool tokenizer_merge = false);
 void check_input_configs(const std::vector<Checkpoint>& inputs, bool merge_extra_rows,
                          std::vector<std::string>& warnings);
 

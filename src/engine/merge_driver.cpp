@@ -413,7 +413,7 @@ EditReport merge_checkpoints(const Recipe& recipe, const std::filesystem::path& 
     // tensor is read, the inputs' config.json must agree on model_type, architectures, sizes and vocabulary.
     std::vector<detail::ConfigDifference> differences;
     // A tokenizer merge is what reconciles different vocabularies.
-    detail::check_input_configs(all, options.merge_extra_rows || recipe.tokenizer.has_value(), tie_warnings, &differences);
+    detail::check_input_configs(all, options.merge_extra_rows, tie_warnings, &differences, recipe.tokenizer.has_value());
     // Slices take layer ranges: sources of different depths are what frankenmerges stack (mergekit too).
     if (!recipe.slices.empty())
       std::erase_if(differences, [](const detail::ConfigDifference& d) { return d.key.ends_with("num_hidden_layers"); });

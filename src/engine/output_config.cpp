@@ -295,7 +295,9 @@ std::vector<TokenizerId> tokenizer_ids(const fs::path& folder) {
 }
 
 void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merge_extra_rows,
-                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences) {
+                         std::vector<std::string>& warnings, std::vector<ConfigDifference>* differences,
+                         bool tokenizer_merge) {
+  merge_extra_rows = merge_extra_rows || tokenizer_merge;
   const Checkpoint* first = nullptr;
   std::optional<Json> first_config;
   std::vector<fs::path> seen;  // an input given twice is checked once
@@ -308,7 +310,7 @@ void check_input_configs(const std::vector<const Checkpoint*>& inputs, bool merg
     try {
       config = input_config(*ckpt);
       // An input's own tokenizer must fit its own embedding.
-      if (auto rows = embedding_rows(*ckpt)) {
+      if (auto rows = embedding_rows(*ckpt); rows && !tokenizer_merge) {
         warn_ids_past(tokenizer_ids(*ckpt->folder()), rows->rows,
                       fmt::format("{} ({})", ckpt->path().string(), rows->tensor), warnings);
       }
