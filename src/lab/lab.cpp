@@ -153,11 +153,37 @@ const std::filesystem::path& SeedState::pretrained() {
                std::to_string(o.steps) + ", loss " + std::to_string(loss));
   };
   control_ = pretrain(net, pretraining_data_, o);
-  save_backbone(net, pre_path_, {{"taskvec_lab.role", "pretrained"}, {"taskvec_lab.seed", std::to_string(seed_)}});
+  save_backbone(net, pre_path_, pretraining_metadata());
+  write_tensors(dir_ / "control_head.safetensors", {{"weight", control_->weight}, {"bias", control_->bias}},
+                {{"taskvec_lab.role", "control_head"}});
   have_pre_ = true;
   progress("seed " + std::to_string(seed_) + ": pretrained; control val accuracy " +
            std::to_string(pretrained_accuracy("control", "val")));
   return pre_path_;
+}
+
+std::map<std::string, std::string> SeedState::pretraining_metadata() const {
+  return {{"taskvec_lab.role", "pretrained"},
+          {"taskvec_lab.seed", std::to_string(seed_)},
+          {"taskvec_lab.pretrain_steps", std::to_string(config_.pretrain_steps)},
+          {"taskvec_lab.pretrain_lr", std::to_string(config_.pretrain_lr)},
+          {"taskvec_lab.pretrain_weight_decay", std::to_string(config_.pretrain_weight_decay)}};
+}
+
+bool SeedState::reuse_pretrained() {
+  if (have_pre_) return true;
+  const auto head_path = dir_ / "control_head.safetensors";
+  if (!std::filesystem::exists(pre_path_) || !std::filesystem::exists(head_path)) return false;
+  const auto meta = Checkpoint::open(pre_path_).metadata();
+  for (const auto& [k, v] : pretraining_metadata()) {
+    const auto it = meta.find(k);
+    if (it == meta.end() || it->second != v) return false;
+  }
+  auto head = read_tensors(head_path);
+  if (!head.count("weight") || !head.count("bias")) return false;
+  control_ = Head{head.at("weight"), head.at("bias")};
+  have_pre_ = true;
+  return true;
 }
 
 const Head& SeedState::control_head() {

@@ -86,8 +86,13 @@ class SeedState {
   const Editor& editor() const { return editor_; }
   const Task& task(const std::string& name) const;
 
-  /// pre.safetensors (pretraining on the first use) and the frozen control head.
+  /// pre.safetensors (pretraining on the first use) and the frozen control head (saved beside it as
+  /// control_head.safetensors).
   const std::filesystem::path& pretrained();
+  /// Takes pre.safetensors and control_head.safetensors from the folder, written by an earlier run of this
+  /// seed with the same pretraining settings (recorded in pre.safetensors' metadata), instead of
+  /// pretraining; false when they are absent or were made otherwise. For `taskvec-lab eval`.
+  bool reuse_pretrained();
   const Head& control_head();
   /// The frozen 20-shot head of `head_key` (a task name or "digits10").
   const Head& head(const std::string& head_key);
@@ -113,6 +118,7 @@ class SeedState {
 
  private:
   std::string key(const std::string& task, std::optional<double> lr) const;
+  std::map<std::string, std::string> pretraining_metadata() const;
   const Head& head_for(const std::string& task_name);
 
   const LabConfig& config_;

@@ -50,6 +50,41 @@ TEST(Experiments, TinyEndToEnd) {
   std::filesystem::remove_all(base);
 }
 
+// `taskvec-lab eval` (the sweep evaluator) measures a checkpoint with the pretrained checkpoint and control
+// head an earlier run left in its work folder: the same accuracies, without pretraining again; a folder
+// made with other pretraining settings is not taken.
+TEST(Experiments, ReusedPretrainingGivesTheSameAccuracies) {
+  TASKVEC_LAB_REQUIRE_DATA(paths);
+  auto c = testing::tiny_config(paths);
+  const auto base = std::filesystem::temp_directory_path() / ("taskvec_lab_reuse_" + std::to_string(::getpid()));
+  const Sources sources = load_sources(c.data);
+  const auto tasks = build_tasks(sources, c);
+  std::vector<double> first, again;
+  std::filesystem::path edited;
+  {
+    SeedState s(c, tasks, sources.fashion.train, 0, base / "seed0");
+    edited = s.edit({{s.task_vector("mnist"), -0.5}});
+    std::filesystem::copy_file(edited, base / "candidate.safetensors");
+    first = s.accuracies_of(base / "candidate.safetensors", {"mnist", "control"}, "val");
+    EXPECT_TRUE(s.reuse_pretrained());  // the folder now holds this run's pretraining
+  }
+  {
+    SeedState s(c, tasks, sources.fashion.train, 0, base / "seed0");
+    ASSERT_TRUE(s.reuse_pretrained());
+    const auto stamp = std::filesystem::last_write_time(base / "seed0" / "pre.safetensors");
+    again = s.accuracies_of(base / "candidate.safetensors", {"mnist", "control"}, "val");
+    EXPECT_EQ(std::filesystem::last_write_time(base / "seed0" / "pre.safetensors"), stamp);  // not pretrained again
+  }
+  EXPECT_EQ(first, again);
+  {
+    auto other = c;
+    other.pretrain_steps += 1;
+    SeedState s(other, tasks, sources.fashion.train, 0, base / "seed0");
+    EXPECT_FALSE(s.reuse_pretrained());
+  }
+  std::filesystem::remove_all(base);
+}
+
 TEST(Experiments, AggregateMeanAndSpread) {
   const std::vector<Json> seeds = {Json{{"a", 1.0}, {"b", {1.0, 3.0}}}, Json{{"a", 3.0}, {"b", {3.0, 3.0}}}};
   const auto m = aggregate_mean(seeds), s = aggregate_spread(seeds);

@@ -124,6 +124,19 @@ int main(int argc, char** argv) {
     add_common(sub);
     subs.emplace_back(sub, std::vector<std::string>{name});
   }
+  // eval: one checkpoint's accuracy on a task and on the control task, as the experiments measure it, with
+  // the pretrained checkpoint and heads of a kept work folder: the evaluator of `taskvec sweep`
+  // (examples/sweep/eval_lab_negation.sh).
+  auto* eval = app.add_subcommand("eval", "print {\"target\": accuracy on --task, \"control\": accuracy on the control task} "
+                                          "of CHECKPOINT, with the heads of --work DIR (an earlier run with --keep-work)");
+  add_common(eval);
+  int eval_seed = 0;
+  std::string eval_task, eval_split = "val", eval_checkpoint;
+  eval->add_option("checkpoint", eval_checkpoint, "the checkpoint to evaluate (.safetensors)")->required();
+  eval->add_option("--task", eval_task, "the target task, e.g. mnist")->required();
+  eval->add_option("--split", eval_split, "val or test")->check(CLI::IsMember({"val", "test"}))->capture_default_str();
+  eval->add_option("--seed", eval_seed, "the seed whose work folder (DIR/seedN) holds the pretrained checkpoint")
+      ->capture_default_str();
   auto* bench = app.add_subcommand("bench", "times one fine-tuning step and evaluation on this machine");
   bench->add_option("--threads", threads, "libtorch threads")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -176,6 +189,23 @@ int main(int argc, char** argv) {
     }
     if (!fashion_dir.empty()) config.data.fashion_dir = fashion_dir;
     if (!digits_csv.empty()) config.data.digits_csv = digits_csv;
+    if (eval->parsed()) {
+      const std::filesystem::path dir = std::filesystem::path(work) / ("seed" + std::to_string(eval_seed));
+      if (work.empty() || !std::filesystem::exists(dir / "pre.safetensors"))
+        throw taskvec::Error(taskvec::ErrorCode::kInvalidArgument,
+                             "eval needs --work DIR holding seed" + std::to_string(eval_seed) + "/pre.safetensors of an "
+                             "earlier run (e.g. taskvec-lab negation --work DIR --keep-work, with the same --quick)");
+      const lab::Sources sources = lab::load_sources(config.data);
+      const auto tasks = lab::build_tasks(sources, config);
+      lab::SeedState state(config, tasks, sources.fashion.train, eval_seed, dir);
+      if (!state.reuse_pretrained())
+        throw taskvec::Error(taskvec::ErrorCode::kInvalidArgument,
+                             dir.string() + " holds no pretrained checkpoint and control head made with these settings "
+                             "(give the --quick and pretraining flags of the run that wrote it)");
+      const auto acc = state.accuracies_of(eval_checkpoint, {eval_task, "control"}, eval_split);
+      std::printf("{\"target\": %.6f, \"control\": %.6f}\n", acc[0], acc[1]);
+      return 0;
+    }
     for (const auto& [sub, experiments] : subs) {
       if (!sub->parsed()) continue;
       const auto summary = lab::run_experiments(config, experiments);
