@@ -18,6 +18,7 @@
 #include <pybind11/stl/filesystem.h>
 
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -43,6 +44,9 @@ PyObject* g_error = nullptr;  // taskvec.Error
 // A Checkpoint shared by every Python object that refers to it (expressions keep their inputs alive).
 struct PyCheckpoint {
   std::shared_ptr<Checkpoint> ckpt;
+  // Read-only maps of its safetensors files, made on the first zero-copy read of each (shared by copies).
+  std::shared_ptr<std::map<fs::path, std::shared_ptr<const taskvec::SafetensorsFile>>> maps =
+      std::make_shared<std::map<fs::path, std::shared_ptr<const taskvec::SafetensorsFile>>>();
   const taskvec::CheckpointTensor& at(const std::string& name) const {
     if (const auto* t = ckpt->find(name)) return *t;
     throw py::key_error(name + " is not a tensor of " + ckpt->path().string());
@@ -75,10 +79,35 @@ bool stored_as_is(DType d) {
   }
 }
 
-// The tensor as a new, read-only numpy array (one read: pread from the page cache, no mapping).
+// A zero-copy view of a tensor stored as is in a safetensors file: the array points into a read-only
+// map of the file, which it keeps alive; pages are read when the array is. Empty when the tensor is
+// not plainly in such a file (an alias, an adapter's computed tensor, another format).
+std::optional<py::array> mapped_view(const PyCheckpoint& c, const std::string& name, const taskvec::CheckpointTensor& t) {
+  if (t.source->format() != "safetensors" || t.file().extension() != ".safetensors") return std::nullopt;
+  auto& slot = (*c.maps)[t.file()];
+  if (!slot) slot = taskvec::SafetensorsFile::open(t.file());
+  const taskvec::TensorInfo* entry = slot->header().find(name);
+  if (entry == nullptr || entry->dtype != t.info->dtype || entry->shape != t.info->shape ||
+      entry->num_bytes() != t.info->num_bytes())
+    return std::nullopt;
+  const std::span<const std::byte> bytes = slot->tensor_bytes(*entry);
+  std::vector<py::ssize_t> shape(entry->shape.begin(), entry->shape.end());
+  auto* keep = new std::shared_ptr<const taskvec::SafetensorsFile>(slot);
+  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<const taskvec::SafetensorsFile>*>(p); });
+  // numpy computes C-contiguous strides from the shape; the data pointer is the map's (read-only).
+  py::array view(numpy_dtype(entry->dtype), shape, static_cast<const void*>(bytes.data()), owner);
+  py::detail::array_proxy(view.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return view;
+}
+
+// The tensor as a numpy array, read-only: a zero-copy view of the file's map for F32 / F64 / integers /
+// bool stored in a safetensors file, else a new array (one pread from the page cache; F16 / BF16 / F8
+// decoded to float32).
 py::array read_tensor(const PyCheckpoint& c, const std::string& name) {
   const taskvec::CheckpointTensor& t = c.at(name);
   const DType d = t.info->dtype;
+  if (stored_as_is(d) && t.info->num_bytes() > 0)
+    if (auto view = mapped_view(c, name, t)) return *view;
   std::vector<py::ssize_t> shape(t.info->shape.begin(), t.info->shape.end());
   py::array out(numpy_dtype(d), shape);
   const std::uint64_t n = t.info->num_elements();

@@ -42,6 +42,10 @@ def test_open_and_read(tmp_path):
     assert w.dtype == np.float32 and np.array_equal(w, pre["w"])
     assert not w.flags.writeable
     assert np.array_equal(c["ids"], pre["ids"])
+    # F32 in a safetensors file: a view of the file's read-only map, no copy (the array owns no data)
+    assert not w.flags.owndata and w.base is not None
+    with pytest.raises(ValueError):
+        w[0, 0] = 1.0
     assert tv.open(str(p)) is c  # one object per file
     with pytest.raises(KeyError):
         c["nope"]
