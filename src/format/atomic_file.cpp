@@ -51,17 +51,21 @@ static_assert(std::atomic<int>::is_always_lock_free);
 std::atomic<int> g_terminating{0};
 std::atomic<int> g_creating{0};
 
-int register_temp(const std::string& path) noexcept {
+// Claims a free slot of `slots` for `path` (lock-free); its index, or -1 when none is free or the path
+// is too long.
+int claim_slot(TempSlot* slots, std::size_t count, const std::string& path) noexcept {
   if (path.size() >= kTempPathMax) return -1;
-  for (std::size_t i = 0; i < kTempSlots; ++i) {
+  for (std::size_t i = 0; i < count; ++i) {
     int expected = 0;
-    if (!g_temp_slots[i].state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
-    std::memcpy(g_temp_slots[i].path, path.c_str(), path.size() + 1);
-    g_temp_slots[i].state.store(2, std::memory_order_release);
+    if (!slots[i].state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
+    std::memcpy(slots[i].path, path.c_str(), path.size() + 1);
+    slots[i].state.store(2, std::memory_order_release);
     return static_cast<int>(i);
   }
   return -1;
 }
+
+int register_temp(const std::string& path) noexcept { return claim_slot(g_temp_slots, kTempSlots, path); }
 
 void release_temp(int slot) noexcept {
   if (slot >= 0) g_temp_slots[slot].state.store(0, std::memory_order_release);
@@ -137,16 +141,7 @@ extern "C" void remove_temps_and_reraise(int sig) {
 }  // namespace
 
 int register_interrupt_folder(const std::filesystem::path& folder) noexcept {
-  const std::string path = folder.string();
-  if (path.size() >= kTempPathMax) return -1;
-  for (std::size_t i = 0; i < kFolderSlots; ++i) {
-    int expected = 0;
-    if (!g_folder_slots[i].state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) continue;
-    std::memcpy(g_folder_slots[i].path, path.c_str(), path.size() + 1);
-    g_folder_slots[i].state.store(2, std::memory_order_release);
-    return static_cast<int>(i);
-  }
-  return -1;
+  return claim_slot(g_folder_slots, kFolderSlots, folder.string());
 }
 
 void release_interrupt_folder(int slot) noexcept {
