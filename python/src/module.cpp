@@ -17,6 +17,7 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -139,10 +140,23 @@ py::array read_tensor(const PyCheckpoint& c, const std::string& name) {
 
 taskvec::EditOptions edit_options(const py::dict& o) {
   taskvec::EditOptions opt;
+  // The options that are a flag or a text of EditOptions, by the Python keyword that sets them.
+  const std::pair<const char*, bool*> flags[] = {
+      {"force", &opt.write.force},           {"only_selected", &opt.only_selected},
+      {"allow_nonfinite", &opt.allow_nonfinite}, {"clamp_overflow", &opt.clamp_overflow},
+      {"untie_embeddings", &opt.untie_embeddings}, {"allow_crimes", &opt.allow_crimes},
+      {"dry_run", &opt.dry_run}};
+  const std::pair<const char*, std::string*> texts[] = {{"include", &opt.include}, {"exclude", &opt.exclude}};
   for (const auto& [k, v] : o) {
     const std::string key = py::cast<std::string>(k);
     if (v.is_none()) continue;
-    if (key == "dtype") {
+    const auto flag = std::find_if(std::begin(flags), std::end(flags), [&](const auto& f) { return key == f.first; });
+    const auto text = std::find_if(std::begin(texts), std::end(texts), [&](const auto& t) { return key == t.first; });
+    if (flag != std::end(flags)) {
+      *flag->second = py::cast<bool>(v);
+    } else if (text != std::end(texts)) {
+      *text->second = py::cast<std::string>(v);
+    } else if (key == "dtype") {
       const std::string name = py::cast<std::string>(v);
       const auto d = taskvec::parse_dtype_user(name);
       if (!d || !taskvec::dtype_is_writable_float(*d))
@@ -160,27 +174,9 @@ taskvec::EditOptions edit_options(const py::dict& o) {
       const long long b = py::cast<long long>(v);
       if (b <= 0) throw py::value_error("max_shard_size must be > 0 bytes");
       opt.write.max_shard_size = static_cast<std::uint64_t>(b);
-    } else if (key == "force") {
-      opt.write.force = py::cast<bool>(v);
-    } else if (key == "include") {
-      opt.include = py::cast<std::string>(v);
-    } else if (key == "exclude") {
-      opt.exclude = py::cast<std::string>(v);
-    } else if (key == "only_selected") {
-      opt.only_selected = py::cast<bool>(v);
-    } else if (key == "allow_nonfinite") {
-      opt.allow_nonfinite = py::cast<bool>(v);
-    } else if (key == "clamp_overflow") {
-      opt.clamp_overflow = py::cast<bool>(v);
-    } else if (key == "untie_embeddings") {
-      opt.untie_embeddings = py::cast<bool>(v);
-    } else if (key == "allow_crimes") {
-      opt.allow_crimes = py::cast<bool>(v);
-    } else if (key == "dry_run") {
-      opt.dry_run = py::cast<bool>(v);
     } else if (key == "progress") {
-      // Called from the engine's thread with the GIL taken again; an exception in it is kept and
-      // raised after the edit (the engine is not interrupted mid-write).
+      // Called from the engine's thread with the GIL taken again; an exception in it is printed as
+      // unraisable and the edit goes on (it is not interrupted mid-write).
       auto fn = std::make_shared<py::function>(py::cast<py::function>(v));
       opt.on_progress = [fn](const taskvec::Progress& p) {
         py::gil_scoped_acquire gil;
