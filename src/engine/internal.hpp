@@ -265,6 +265,12 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
 /// the first input's; nullopt when none has one), a built-in name (alpaca, chatml, exaone, llama3,
 /// mistral: taskvec's own texts of those formats), else the text itself.
 std::optional<std::string> chat_template_text(const std::string& chat_template, const std::vector<const Checkpoint*>& inputs);
+/// The built-in template names chat_template_text knows, sorted (what `chat_template:` accepts besides auto).
+std::vector<std::string> builtin_chat_template_names();
+
+/// The folder's config.json vocab_size (top level, else the first text sub-config that has one);
+/// nullopt without a readable config.json or the key.
+std::optional<std::int64_t> config_vocab_size(const Checkpoint& ckpt);
 
 /// Whether `ref` names the same model as PATH (+ADAPTER) (symlinks resolved where the paths exist).
 bool same_recipe_model(const RecipeModelRef& ref, const std::filesystem::path& path,

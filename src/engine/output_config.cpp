@@ -196,6 +196,30 @@ bool is_tokenizer_file(const fs::path& path) {
          n.starts_with("vocab") || n == "merges.txt" || path.extension() == ".model";
 }
 
+std::optional<std::int64_t> config_vocab_size(const Checkpoint& ckpt) {
+  if (!ckpt.folder()) return std::nullopt;
+  const fs::path config = *ckpt.folder() / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(config, ec)) return std::nullopt;
+  Json j;
+  try {
+    j = parse_file(config, "to read vocab_size");
+  } catch (const Error&) {
+    return std::nullopt;  // as config_ties_embeddings: an unreadable config says nothing
+  }
+  if (!j.is_object()) return std::nullopt;
+  const auto of = [](const Json& level) -> std::optional<std::int64_t> {
+    const auto it = level.find("vocab_size");
+    if (it == level.end() || !it->is_number_integer()) return std::nullopt;
+    return it->get<std::int64_t>();
+  };
+  if (auto v = of(j)) return v;
+  for (const char* key : kTextConfigKeys)
+    if (const auto it = j.find(key); it != j.end() && it->is_object())
+      if (auto v = of(*it)) return v;
+  return std::nullopt;
+}
+
 std::optional<bool> config_ties_embeddings(const Checkpoint& ckpt) {
   if (!ckpt.folder()) return std::nullopt;
   const fs::path config = *ckpt.folder() / "config.json";

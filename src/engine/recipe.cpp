@@ -472,9 +472,6 @@ RecipeModelRef parse_ref(const Ctx& ctx, const YAML::Node& node, const std::stri
   return ref;
 }
 
-// mergekit's built-in chat templates, by the names its `chat_template:` accepts (texts in vocab_merge.cpp).
-const std::vector<std::string> kChatTemplateNames = {"alpaca", "chatml", "exaone", "llama3", "mistral"};
-
 // `tokenizer_source:` (mergekit's legacy form), `tokenizer:` and `chat_template:`.
 void parse_tokenizer(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
   const YAML::Node legacy = root["tokenizer_source"], modern = root["tokenizer"];
@@ -583,18 +580,20 @@ void parse_tokenizer(const Ctx& ctx, const YAML::Node& root, Recipe& r) {
     r.tokenizer = std::move(t);
   }
   if (const auto c = root["chat_template"]; c && !c.IsNull()) {
+    // mergekit's built-in chat templates, by the names its `chat_template:` accepts (vocab_merge.cpp).
+    const std::vector<std::string> builtin = detail::builtin_chat_template_names();
+    const std::string listed = fmt::format("auto, {}", fmt::join(builtin, ", "));
     if (!c.IsScalar() || c.Scalar().empty())
-      ctx.fail(c, "chat_template", "expected auto, a built-in name (alpaca, chatml, exaone, llama3, mistral) or a Jinja template");
+      ctx.fail(c, "chat_template", "expected auto, a built-in name (" + fmt::format("{}", fmt::join(builtin, ", ")) +
+                                       ") or a Jinja template");
     const std::string& text = c.Scalar();
-    const bool named = text == "auto" || std::find(kChatTemplateNames.begin(), kChatTemplateNames.end(), text) !=
-                                             kChatTemplateNames.end();
+    const bool named = text == "auto" || std::find(builtin.begin(), builtin.end(), text) != builtin.end();
     if (!named && (text.size() < 20 || text.find('{') == std::string::npos)) {
-      std::vector<std::string> names = kChatTemplateNames;
+      std::vector<std::string> names = builtin;
       names.push_back("auto");
       ctx.fail(c, "chat_template",
-               "'" + escape_control(text) + "' is neither a built-in template name" + did_you_mean(text, names) +
-                   " (auto, alpaca, chatml, exaone, llama3, mistral) nor a Jinja template (mergekit's rule: at least 20 "
-                   "characters and a '{')");
+               "'" + escape_control(text) + "' is neither a built-in template name" + did_you_mean(text, names) + " (" +
+                   listed + ") nor a Jinja template (mergekit's rule: at least 20 characters and a '{')");
     }
     r.chat_template = text;
   }

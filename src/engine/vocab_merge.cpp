@@ -60,6 +60,25 @@ J parse_json(const fs::path& file, const std::string& text) {
   }
 }
 
+// The file of `files` named `name` and its JSON, or nullopt when there is none.
+template <typename J = Json>
+std::optional<std::pair<fs::path, J>> parse_named(const std::vector<fs::path>& files, const std::string& name) {
+  const fs::path* f = find_file(files, name);
+  if (f == nullptr) return std::nullopt;
+  return std::pair<fs::path, J>{*f, parse_json<J>(*f, *read_auxiliary({*f}, name))};
+}
+
+// The id an added_tokens_decoder key names: its whole text an integer >= 0; -1 otherwise.
+std::int64_t decoder_id(const std::string& key) {
+  try {
+    std::size_t used = 0;
+    const long long id = std::stoll(key, &used);
+    return used == key.size() && id >= 0 ? id : -1;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 std::optional<std::int64_t> as_id(const Json& v) {
   if (v.is_number_unsigned()) return static_cast<std::int64_t>(v.get<std::uint64_t>());
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return v.get<std::int64_t>();
@@ -75,25 +94,6 @@ Json added_entry(const std::string& content, const Json* from) {
     for (const char* k : {"single_word", "lstrip", "rstrip", "normalized", "special"})
       if (const auto it = from->find(k); it != from->end() && it->is_boolean()) e[k] = *it;
   return e;
-}
-
-std::optional<std::int64_t> config_vocab_size(const Checkpoint& c) {
-  const auto text = read_config_text(c);
-  if (!text) return std::nullopt;
-  OrderedJson j;
-  try {
-    j = OrderedJson::parse(*text);
-  } catch (const nlohmann::json::exception&) {
-    return std::nullopt;
-  }
-  if (!j.is_object()) return std::nullopt;
-  if (const auto it = j.find("vocab_size"); it != j.end() && it->is_number_integer()) return it->get<std::int64_t>();
-  for (const char* key : {"text_config", "language_config", "llm_config", "decoder", "text_model"}) {
-    const auto sub = j.find(key);
-    if (sub == j.end() || !sub->is_object()) continue;
-    if (const auto it = sub->find("vocab_size"); it != sub->end() && it->is_number_integer()) return it->get<std::int64_t>();
-  }
-  return std::nullopt;
 }
 
 // Adds token -> id to `v`, refusing what would make rows ambiguous: one token at two ids, two tokens at
@@ -125,10 +125,10 @@ Vocab read_vocab(const Checkpoint& c) {
   v.where = c.folder() ? c.folder()->string() : c.path().string();
   std::unordered_map<std::int64_t, std::string> by_id;
   const std::vector<fs::path> files = c.auxiliary_files();
-  const fs::path* tj = find_file(files, "tokenizer.json");
-  if (tj != nullptr) {
+  if (const auto named = parse_named(files, "tokenizer.json")) {
     v.found = true;
-    const Json j = parse_json<Json>(*tj, *read_auxiliary(files, "tokenizer.json"));
+    const fs::path* tj = &named->first;
+    const Json& j = named->second;
     const auto model = j.is_object() ? j.find("model") : j.end();
     const auto vocab = model != j.end() && model->is_object() ? model->find("vocab") : j.end();
     if (model == j.end() || !model->is_object() || vocab == model->end() || !(vocab->is_object() || vocab->is_array()))
@@ -158,17 +158,12 @@ Vocab read_vocab(const Checkpoint& c) {
       }
     }
   }
-  if (const fs::path* tc = find_file(files, "tokenizer_config.json")) {
-    const Json j = parse_json<Json>(*tc, *read_auxiliary(files, "tokenizer_config.json"));
+  if (const auto named = parse_named(files, "tokenizer_config.json")) {
+    const fs::path* tc = &named->first;
+    const Json& j = named->second;
     if (const auto dec = j.is_object() ? j.find("added_tokens_decoder") : j.end(); j.is_object() && dec != j.end() && dec->is_object()) {
       for (const auto& [key, e] : dec->items()) {
-        std::int64_t id = -1;
-        try {
-          std::size_t used = 0;
-          id = std::stoll(key, &used);
-          if (used != key.size()) id = -1;
-        } catch (const std::exception&) {
-        }
+        const std::int64_t id = decoder_id(key);
         if (id < 0 || !e.is_object() || !e.contains("content") || !e["content"].is_string())
           throw Error(ErrorCode::kIo, fmt::format("{}: added_tokens_decoder entry '{}' is not an id with a content; fix "
                                                   "the file", tc->string(), escape_control(key)));
@@ -178,8 +173,9 @@ Vocab read_vocab(const Checkpoint& c) {
       }
     }
   }
-  if (const fs::path* at = find_file(files, "added_tokens.json")) {
-    const Json j = parse_json<Json>(*at, *read_auxiliary(files, "added_tokens.json"));
+  if (const auto named = parse_named(files, "added_tokens.json")) {
+    const fs::path* at = &named->first;
+    const Json& j = named->second;
     if (j.is_object())
       for (const auto& [content, id] : j.items()) {
         const std::int64_t i = entry_id(id, *at, content);
@@ -314,14 +310,19 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
     added[next] = added_entry(token, entry);
     ++next;
   };
+  // The input a reference of the recipe names (the last, when the base is also listed among the models).
+  const auto input_of = [&](const RecipeModelRef& ref) {
+    std::optional<std::size_t> found;
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+      if (same_recipe_model(ref, refs[i].path, refs[i].adapter)) found = i;
+    return found;
+  };
   std::optional<std::size_t> source_input;  // the input whose tokenizer files the output gets
   std::optional<Checkpoint> outside;        // a tokenizer source that is not an input
   const Vocab* source_vocab = nullptr;
   std::int64_t strip_at = -1;               // ids >= this are left out of the source's files
   if (spec.source == RecipeTokenizer::Source::kModel) {
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-      if (same_recipe_model(spec.model, refs[i].path, refs[i].adapter))
-        source_input = i;
+    source_input = input_of(spec.model);
     if (!source_input) {
       try {
         outside.emplace(Checkpoint::open(spec.model.path));
@@ -417,10 +418,7 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
     const std::int64_t r = vocab.at(token);
     const std::string at = fmt::format("{}: tokenizer.tokens.{}", file, escape_control(token));
     if (e.kind == RecipeTokenEmbedding::Kind::kModel || e.kind == RecipeTokenEmbedding::Kind::kModelToken) {
-      std::optional<std::size_t> which;
-      for (std::size_t i = 0; i < n; ++i)
-        if (same_recipe_model(e.model, refs[i].path, refs[i].adapter))
-          which = i;
+      const std::optional<std::size_t> which = input_of(e.model);
       if (!which)
         throw Error(ErrorCode::kRecipe, fmt::format("{}: source '{}' is not a model of the recipe (base_model or models)",
                                                     at, e.model.path.string()));
@@ -577,8 +575,8 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
   bool strips = false;
   for (const auto& [t, id] : source_vocab->ids) strips = strips || dropped(id);
   if (fresh.empty() && !strips) return out;  // the source's files describe the output as they are
-  if (const fs::path* tj = find_file(files, "tokenizer.json")) {
-    Json j = parse_json<Json>(*tj, *read_auxiliary(files, "tokenizer.json"));
+  if (auto named = parse_named(files, "tokenizer.json")) {
+    Json& j = named->second;
     std::unordered_set<std::string> removed;
     if (strips) {
       if (auto model = j.find("model"); model != j.end() && model->is_object()) {
@@ -641,28 +639,21 @@ VocabMerge merge_vocabularies(const Recipe& recipe, const std::vector<Checkpoint
                                                 "fast tokenizers)", file, source_input ? labels[*source_input] : spec.model.path.string(),
                                                 src.folder() ? src.folder()->string() : src.path().string()));
   }
-  if (find_file(files, "tokenizer_config.json")) {
-    OrderedJson j = parse_json<OrderedJson>(*find_file(files, "tokenizer_config.json"),
-                                            *read_auxiliary(files, "tokenizer_config.json"));
+  if (auto named = parse_named<OrderedJson>(files, "tokenizer_config.json")) {
+    OrderedJson& j = named->second;
     if (j.is_object()) {
       if (auto dec = j.find("added_tokens_decoder"); dec != j.end() && dec->is_object()) {
         OrderedJson kept = OrderedJson::object();
-        for (const auto& [key, e] : dec->items()) {
-          std::int64_t id = -1;
-          try {
-            id = std::stoll(key);
-          } catch (const std::exception&) {
-          }
-          if (!dropped(id)) kept[key] = e;
-        }
+        for (const auto& [key, e] : dec->items())
+          if (!dropped(decoder_id(key))) kept[key] = e;
         for (const auto& [id, e] : fresh) kept[std::to_string(id)] = OrderedJson::parse(e.dump());
         *dec = std::move(kept);
       }
       out.generated["tokenizer_config.json"] = j.dump(2) + "\n";
     }
   }
-  if (find_file(files, "added_tokens.json")) {
-    OrderedJson j = parse_json<OrderedJson>(*find_file(files, "added_tokens.json"), *read_auxiliary(files, "added_tokens.json"));
+  if (auto named = parse_named<OrderedJson>(files, "added_tokens.json")) {
+    const OrderedJson& j = named->second;
     OrderedJson kept = OrderedJson::object();
     if (j.is_object())
       for (const auto& [k, v] : j.items())
@@ -713,11 +704,11 @@ std::string trim(const std::string& s) {
 std::optional<std::string> input_chat_template(const Checkpoint& c) {
   const std::vector<fs::path> files = c.auxiliary_files();
   if (auto jinja = read_auxiliary(files, "chat_template.jinja")) return trim(*jinja);
-  const fs::path* tc = find_file(files, "tokenizer_config.json");
-  if (tc == nullptr) return std::nullopt;
+  const std::optional<std::string> text = read_auxiliary(files, "tokenizer_config.json");
+  if (!text) return std::nullopt;
   Json j;
   try {
-    j = Json::parse(*read_auxiliary(files, "tokenizer_config.json"));
+    j = Json::parse(*text);
   } catch (const nlohmann::json::exception&) {
     return std::nullopt;
   }
@@ -733,6 +724,12 @@ std::optional<std::string> input_chat_template(const Checkpoint& c) {
 }
 
 }  // namespace
+
+std::vector<std::string> builtin_chat_template_names() {
+  std::vector<std::string> names;
+  for (const auto& [name, text] : builtin_chat_templates()) names.push_back(name);
+  return names;
+}
 
 std::optional<std::string> chat_template_text(const std::string& chat_template, const std::vector<const Checkpoint*>& inputs) {
   if (chat_template == "auto") {
