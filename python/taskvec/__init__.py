@@ -563,6 +563,9 @@ def sweep(expression, values, evaluate, select="max:score", output=None, keep_al
         zero = next(c for c in curve if c["value"] == 0.0)
         threshold = ratio * get(zero, control)
         allowed = [c for c in curve if get(c, control) >= threshold]
+        if not allowed:
+            raise ValueError(f"select={select!r}: no candidate has {control} >= {threshold:.6g} "
+                             f"({ratio} x its value at L = 0)")
         best = min(allowed, key=lambda c: get(c, score))
     elif kind == "max":
         best = max(curve, key=lambda c: get(c, score))

@@ -281,23 +281,26 @@ void add_sweep_command(CLI::App& app, const GlobalFlags& global, Action& action)
         }
         return it->second;
       };
-      std::size_t best = 0;
+      // The best score among the allowed candidates (for the negation rule, those whose control keeps the
+      // threshold); ties go to the first value, as docs/CLI.md says.
       double threshold = 0;
       if (rule.kind == Rule::Kind::kNegation) {
-        std::size_t zero = 0;
-        while (curve[zero].value != 0.0) ++zero;
-        threshold = rule.ratio * score_of(curve[zero], rule.control);
-        best = zero;
-        for (std::size_t i = 0; i < curve.size(); ++i)
-          if (score_of(curve[i], rule.control) >= threshold && score_of(curve[i], rule.score) < score_of(curve[best], rule.score))
-            best = i;
-      } else {
-        for (std::size_t i = 1; i < curve.size(); ++i) {
-          const double a = score_of(curve[i], rule.score), b = score_of(curve[best], rule.score);
-          if (rule.kind == Rule::Kind::kMax ? a > b : a < b) best = i;
-        }
-        (void)score_of(curve[0], rule.score);
+        const auto zero = std::find_if(curve.begin(), curve.end(), [](const Candidate& c) { return c.value == 0.0; });
+        threshold = rule.ratio * score_of(*zero, rule.control);
       }
+      std::optional<std::size_t> chosen;
+      for (std::size_t i = 0; i < curve.size(); ++i) {
+        if (rule.kind == Rule::Kind::kNegation && score_of(curve[i], rule.control) < threshold) continue;
+        const double a = score_of(curve[i], rule.score);
+        if (!chosen || (rule.kind == Rule::Kind::kMax ? a > score_of(curve[*chosen], rule.score)
+                                                      : a < score_of(curve[*chosen], rule.score)))
+          chosen = i;
+      }
+      if (!chosen)
+        throw Error(ErrorCode::kInvalidArgument,
+                    fmt::format("--select {}: no candidate has {} >= {:.6g} ({} x its value at {} = 0)", args->select,
+                                rule.control, threshold, rule.ratio, args->parameter));
+      const std::size_t best = *chosen;
       // The chosen candidate, written through the one checked writer like every output.
       EditReport report = edit_expression(models, args->pretrained, expression_at(curve[best].value), output, options);
       Json doc;
