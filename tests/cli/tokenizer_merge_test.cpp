@@ -187,6 +187,14 @@ class TokenizerMerge : public ::testing::Test {
   }
 };
 
+// The element-wise mean of rows (what linear with equal weights gives), in f64.
+std::vector<double> mean_of(const std::vector<std::vector<double>>& rows) {
+  std::vector<double> m(rows.front().size(), 0.0);
+  for (const auto& r : rows)
+    for (std::size_t k = 0; k < m.size(); ++k) m[k] += r[k] / static_cast<double>(rows.size());
+  return m;
+}
+
 void expect_near(const std::vector<double>& got, const std::vector<double>& want, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-6) << what << " element " << i;
@@ -345,10 +353,8 @@ out_dtype: float32
   for (const std::string token : {"a", "b", "c", "<s>"}) {
     const int o = out_vocab(out).at(token);
     EXPECT_EQ(o, id("base", token)) << token;  // the base's ids come first
-    std::vector<double> want(kHidden);
-    for (int k = 0; k < kHidden; ++k)
-      want[k] = 0.5 * (row("base", kEmbed, id("base", token))[k] + row("swapped", kEmbed, id("swapped", token))[k]);
-    expect_near(out_row(out, kEmbed, o), want, token);
+    expect_near(out_row(out, kEmbed, o), mean_of({row("base", kEmbed, id("base", token)), row("swapped", kEmbed, id("swapped", token))}),
+                token);
   }
   EXPECT_NE(id("base", "a"), id("swapped", "a"));
 }
@@ -390,13 +396,11 @@ out_dtype: float32
   const auto vocab = out_vocab(out);
   EXPECT_EQ(vocab.size(), 18u);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(vocab.count("<UNUSED_" + std::to_string(i) + ">"), 0u);
-  // <|im_start|>: the base has no row, so its default is the base's... the base lacks it, so the one
-  // model that has it gives it to every model: the mean is the ChatML row.
+  // <|im_start|>: the base lacks it, so the one model that has it gives its row to every model: the mean
+  // is the ChatML row.
   expect_near(out_row(out, kEmbed, 16), row("chatml", kEmbed, 16), "<|im_start|>");
-  std::vector<double> want(kHidden);
-  for (int k = 0; k < kHidden; ++k)
-    want[k] = (row("base", kEmbed, 5)[k] + row("padded", kEmbed, 5)[k] + row("chatml", kEmbed, 5)[k]) / 3.0;
-  expect_near(out_row(out, kEmbed, 5), want, "a token all three have");
+  expect_near(out_row(out, kEmbed, 5), mean_of({row("base", kEmbed, 5), row("padded", kEmbed, 5), row("chatml", kEmbed, 5)}),
+              "a token all three have");
 }
 
 // A model as tokenizer source: its tokenizer files as they are; the models without its tokens get the
@@ -557,10 +561,8 @@ dtype: float32
   expect_near(out_row(out, kEmbed, vocab.at("<|special|>")), row("special", kEmbed, 16), "<|special|>");
   expect_near(out_row(out, kHead, vocab.at("<|renamed_token|>")), row("special", kHead, 17), "<|renamed_token|>");
   expect_near(out_row(out, kEmbed, vocab.at("<|unused|>")), std::vector<double>(kHidden, 0.0), "<|unused|>");
-  std::vector<double> want(kHidden);
-  for (int k = 0; k < kHidden; ++k)
-    want[k] = (row("base", kEmbed, 7)[k] + row("chatml", kEmbed, 7)[k] + row("special", kEmbed, 7)[k]) / 3.0;
-  expect_near(out_row(out, kEmbed, 7), want, "a shared token: the mean");
+  expect_near(out_row(out, kEmbed, 7), mean_of({row("base", kEmbed, 7), row("chatml", kEmbed, 7), row("special", kEmbed, 7)}),
+              "a shared token: the mean");
 }
 
 // mergekit's README, "Practical Example": keep ChatML and Llama 3 prompt formats in one merge.
